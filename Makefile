@@ -1,0 +1,37 @@
+# Two commands do everything on a fresh machine:
+#   make classify INPUT=dir/ [OUTPUT=out/] [WEIGHTS=imagenet|random|file] [ARGS="--batch-size 512 ..."]
+#   make test
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+OUTPUT ?= output
+WEIGHTS ?= imagenet
+ARGS ?=
+
+.PHONY: help install classify test test-fast lint bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+install: $(VENV)/.installed  ## create .venv and install the package with its dev tools
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+classify: install  ## classify INPUT=dir/ into OUTPUT (default ./output)
+	@test -n "$(INPUT)" || { echo "usage: make classify INPUT=dir/ [OUTPUT=out/] [WEIGHTS=...] [ARGS=...]" >&2; exit 2; }
+	$(PY) -m pipeline classify "$(INPUT)" "$(OUTPUT)" --weights "$(WEIGHTS)" $(ARGS)
+
+test: install  ## the whole test suite (what CI runs)
+	$(PY) -m pytest
+
+test-fast: install  ## the tests not marked slow
+	$(PY) -m pytest -m "not slow"
+
+lint: install  ## ruff
+	$(PY) -m ruff check pipeline tests scripts
+
+clean:  ## remove the virtual environment and caches
+	rm -rf $(VENV) .pytest_cache .ruff_cache

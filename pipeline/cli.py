@@ -1,0 +1,78 @@
+"""The command line: parse options, build the Config, set up logging, call the runner. No logic here."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from enum import IntEnum
+from pathlib import Path
+
+import click
+
+from pipeline.config import DEFAULT_SHARD_SIZE, Config, default_workers
+
+_logger = logging.getLogger("pipeline")
+
+
+class Exit(IntEnum):
+    """The process exit codes, for cron and Slurm."""
+
+    OK = 0
+    FAILED = 1  # an unexpected error: see the log
+    USAGE = 2  # bad input, weights, labels or output folder: the message names the fix
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@click.group()
+def main() -> None:
+    """Classify folders of images with ResNet18 into resumable Parquet shards."""
+
+
+@main.command()
+@click.argument("input_dir", metavar="INPUT", type=click.Path(path_type=Path))
+@click.argument("output_dir", metavar="OUTPUT", type=click.Path(path_type=Path))
+@click.option("--weights", default="imagenet", show_default=True,
+              help="'imagenet' (torchvision's weights, from its cache under TORCH_HOME), 'random' "
+                   "(seeded, for smoke tests and benchmarks) or the path of a state_dict/checkpoint file.")
+@click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Class names, one per line; required when the weights do not have 1000 classes.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where the model runs; auto picks cuda when a GPU is visible.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Images per model batch.")
+@click.option("--workers", type=click.IntRange(min=0), default=default_workers(), show_default=True,
+              help="DataLoader processes that read and decode images (0: decode in the main process).")
+@click.option("--shard-size", type=click.IntRange(min=1), default=None,
+              help=f"Rows per Parquet shard: the unit of commit and resume [default: {DEFAULT_SHARD_SIZE}; "
+                   "a resume keeps the first run's].")
+@click.option("--topk", type=click.IntRange(min=1), default=5, show_default=True,
+              help="How many best classes go in topk_labels and topk_probs.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --weights random.")
+@click.option("--progress", type=click.Choice(["auto", "bar", "log"]), default="auto", show_default=True,
+              help="A progress bar (auto: at a terminal) or periodic log lines (auto: under cron or Slurm).")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def classify(input_dir: Path, output_dir: Path, verbose: bool, **options) -> None:
+    """Classify every image under INPUT into Parquet shards in OUTPUT.
+
+    Re-running the same command resumes at the first uncommitted shard; on a finished OUTPUT it
+    changes nothing and exits 0.
+    """
+    _setup_logging(verbose)
+    from pipeline import runner  # imports torch: keep --help fast
+    from pipeline.model import WeightsError
+    from pipeline.plan import InputError
+
+    config = Config(input_dir=input_dir, output_dir=output_dir, **options)
+    try:
+        summary = runner.run(config)
+    except (InputError, WeightsError, runner.PlanMismatch) as error:
+        _logger.error("%s", error)
+        sys.exit(Exit.USAGE)
+    _logger.info("done: %s", summary.line())

@@ -1,0 +1,109 @@
+"""Commit shards durably, tell from the output folder which are committed, and write the _SUCCESS manifest."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.durable import durable_publish
+from pipeline.plan import Plan
+
+_logger = logging.getLogger(__name__)
+
+RECORDS_DIR = "_shards"  # one JSON record per committed shard; '_' keeps warehouse readers out
+MANIFEST_NAME = "_SUCCESS"
+
+
+def shard_name(plan: Plan, shard: int) -> str:
+    """Unique per run (Snowflake-style reloads stay deduplicated) and stable across resumes."""
+    return f"part-{shard:05d}-{plan.run_id}.parquet"
+
+
+def _record_path(output_dir: Path, plan: Plan, shard: int) -> Path:
+    return output_dir / RECORDS_DIR / f"{shard_name(plan, shard)}.json"
+
+
+def _record(plan: Plan, shard: int, data: bytes, status_counts: dict[str, int]) -> dict:
+    return {
+        "file": shard_name(plan, shard),
+        "shard": shard,
+        "rows": len(plan.shard_range(shard)),
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "status_counts": status_counts,
+    }
+
+
+def commit_shard(output_dir: Path, plan: Plan, shard: int, data: bytes, status_counts: dict[str, int]) -> dict:
+    """Publish a shard (temp, fsync, rename, fsync folder), then its record; return the record."""
+    durable_publish(output_dir / shard_name(plan, shard), data)
+    record = _record(plan, shard, data, status_counts)
+    (output_dir / RECORDS_DIR).mkdir(exist_ok=True)
+    durable_publish(_record_path(output_dir, plan, shard), json.dumps(record).encode())
+    return record
+
+
+def status_counts(statuses: pa.ChunkedArray) -> dict[str, int]:
+    """How many rows have each status."""
+    return {value.as_py(): count.as_py() for value, count in zip(*pc.value_counts(statuses).flatten(), strict=True)}
+
+
+def _recover_record(output_dir: Path, plan: Plan, shard: int) -> dict | None:
+    """The record of a visible shard whose record was not yet written (a kill between the two)."""
+    path = output_dir / shard_name(plan, shard)
+    try:
+        data = path.read_bytes()
+        table = pq.read_table(pa.BufferReader(data), columns=["status"])
+    except Exception as error:
+        _logger.warning("shard %s is unreadable (%s): it will be redone", path.name, error)
+        return None
+    if table.num_rows != len(plan.shard_range(shard)):
+        _logger.warning("shard %s has %d rows, not %d: it will be redone", path.name, table.num_rows,
+                        len(plan.shard_range(shard)))
+        return None
+    record = _record(plan, shard, data, status_counts(table["status"]))
+    (output_dir / RECORDS_DIR).mkdir(exist_ok=True)
+    durable_publish(_record_path(output_dir, plan, shard), json.dumps(record).encode())
+    return record
+
+
+def committed_records(output_dir: Path, plan: Plan, shards: list[int]) -> dict[int, dict]:
+    """The records of those shards that are committed and whole; damaged ones are removed, to be redone."""
+    records = {}
+    for shard in shards:
+        shard_path = output_dir / shard_name(plan, shard)
+        record_path = _record_path(output_dir, plan, shard)
+        record = json.loads(record_path.read_text()) if record_path.exists() else None
+        if record is None and shard_path.exists():
+            record = _recover_record(output_dir, plan, shard)
+        if record is not None and shard_path.exists() and shard_path.stat().st_size == record["bytes"]:
+            records[shard] = record
+            continue
+        if shard_path.exists() or record_path.exists():
+            _logger.warning("shard %s is damaged or incomplete: it will be redone", shard_path.name)
+        record_path.unlink(missing_ok=True)
+        shard_path.unlink(missing_ok=True)
+    return records
+
+
+def write_manifest(output_dir: Path, plan: Plan, records: dict[int, dict], run_facts: dict) -> dict:
+    """_SUCCESS, written last: every shard's file, rows, bytes and sha256, and the run's counts."""
+    shards = [records[shard] for shard in range(plan.shard_count)]
+    counts: Counter[str] = Counter()
+    for record in shards:
+        counts.update(record["status_counts"])
+    manifest = {
+        "run": run_facts,
+        "rows": sum(record["rows"] for record in shards),
+        "status_counts": dict(sorted(counts.items())),
+        "shards": shards,
+    }
+    durable_publish(output_dir / MANIFEST_NAME, json.dumps(manifest, indent=1, sort_keys=True).encode())
+    return manifest

@@ -1,0 +1,40 @@
+"""The one frozen configuration of a run: built by the CLI, passed down, saved with the output."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_SHARD_SIZE = 10_000
+
+
+def default_workers() -> int:
+    """Decode workers: one per core the process may use, capped at 16."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, 16))
+
+
+@dataclass(frozen=True)
+class Config:
+    input_dir: Path  # folder of images, listed recursively
+    output_dir: Path  # folder of Parquet shards, plan and manifest
+    weights: str = "imagenet"  # 'imagenet' (torchvision cache), 'random' (seeded) or a file path
+    labels: Path | None = None  # one class name per line; needed when the model has != 1000 classes
+    device: str = "auto"  # 'auto' (cuda when available), 'cpu' or 'cuda'
+    batch_size: int = 256  # images per GPU batch; the last batch of a run may be smaller
+    workers: int = dataclasses.field(default_factory=default_workers)  # DataLoader decode processes
+    shard_size: int | None = None  # rows per Parquet shard, the unit of commit and resume; None: the
+    #   saved plan's when resuming, else DEFAULT_SHARD_SIZE
+    topk: int = 5  # how many (label, probability) pairs go in the topk columns
+    seed: int = 0  # seed of --weights random
+    progress: str = "auto"  # 'auto' (bar at a terminal, log lines otherwise), 'bar' or 'log'
+    log_every_s: float = 30.0  # seconds between progress log lines when there is no bar
+
+    def to_json(self) -> dict:
+        """The config as plain JSON values, for the run metadata."""
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}

@@ -1,0 +1,84 @@
+"""Run batches through the model on the device: uint8 in, normalisation on the device, float32 logits out."""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline.decode import Batch
+
+_logger = logging.getLogger(__name__)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but no CUDA GPU is visible: use --device cpu or auto")
+    return torch.device(name)
+
+
+@dataclass
+class Scored:
+    """Model results of one batch, on the host; rows of the arrays follow the batch's ok items."""
+
+    batch: Batch
+    logits: np.ndarray  # float32 [n_ok, classes]
+    topk_labels: np.ndarray  # int32 [n_ok, k], best first
+    topk_probs: np.ndarray  # float32 [n_ok, k]
+
+
+class Classifier:
+    """The model on its device with the normalisation of its weights."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, mean: list[float], std: list[float], topk: int):
+        self.device = device
+        self.model = model.to(device).eval()
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
+        self.topk = topk
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits, top-k labels and top-k probabilities of a uint8 NCHW batch already on the device."""
+        x = (images.float() - self.mean) / self.std
+        logits = self.model(x).float()
+        probs, labels = torch.softmax(logits, dim=1).topk(self.topk, dim=1)
+        return logits, labels.int(), probs
+
+    def score(self, batches: Iterable[Batch]) -> Iterator[Scored]:
+        """Score batches in order, one batch in flight on the device while the previous is read back."""
+        in_flight: deque[tuple[Batch, tuple[torch.Tensor, ...], torch.cuda.Event | None]] = deque()
+        with torch.inference_mode():
+            for batch in batches:
+                in_flight.append(self._launch(batch))
+                if len(in_flight) > 1:
+                    yield self._collect(*in_flight.popleft())
+            while in_flight:
+                yield self._collect(*in_flight.popleft())
+
+    def _launch(self, batch: Batch):
+        if len(batch.images) == 0:
+            return batch, None, None
+        images = batch.images.to(self.device, non_blocking=True)
+        outputs = self.forward(images)
+        if self.device.type != "cuda":
+            return batch, outputs, None
+        host = tuple(t.to("cpu", non_blocking=True) for t in outputs)
+        done = torch.cuda.Event()
+        done.record()
+        return batch, host, done
+
+    def _collect(self, batch: Batch, outputs, done) -> Scored:
+        if outputs is None:
+            classes = self.model.fc.out_features
+            return Scored(batch, np.empty((0, classes), np.float32), np.empty((0, self.topk), np.int32),
+                          np.empty((0, self.topk), np.float32))
+        if done is not None:
+            done.synchronize()
+        logits, labels, probs = (t.numpy() for t in outputs)
+        return Scored(batch, logits, labels, probs)

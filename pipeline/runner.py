@@ -1,0 +1,122 @@
+"""Wire the stages: list → plan → read/decode → batch → infer → write → commit. Owns nothing else."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from dataclasses import dataclass
+
+import PIL
+import pyarrow as pa
+import torch
+import torchvision
+
+from pipeline import commit, decode, infer, model, plan
+from pipeline.config import DEFAULT_SHARD_SIZE, Config
+from pipeline.progress import Progress
+from pipeline.writer import SCHEMA_VERSION, ShardWriter
+
+_logger = logging.getLogger(__name__)
+
+
+class PlanMismatch(Exception):
+    """The output folder was started with another input or other weights."""
+
+
+@dataclass
+class Summary:
+    images: int  # rows of the plan: every image, ok or error
+    ok: int
+    errors: int
+    seconds: float  # this process's wall time
+    images_this_run: int  # images classified by this process (0 when resuming a finished output)
+
+    def line(self) -> str:
+        rate = self.images_this_run / max(self.seconds, 1e-9)
+        return (f"images={self.images} ok={self.ok} errors={self.errors} "
+                f"seconds={self.seconds:.1f} img/s={rate:.1f} (this run: {self.images_this_run} images)")
+
+
+def _open_plan(config: Config, identity: dict) -> plan.Plan:
+    """The output's plan: the saved one when resuming (checked against identity), else a new one."""
+    saved = plan.load_plan(config.output_dir)
+    if saved is None:
+        listing = plan.list_images(config.input_dir)
+        fresh = plan.new_plan(listing, config.shard_size or DEFAULT_SHARD_SIZE, identity)
+        if plan.save_plan(fresh, config.output_dir):
+            _logger.info("planned %d images in %d shards (%d other files ignored), run id %s",
+                         len(listing.paths), fresh.shard_count, listing.ignored, fresh.run_id)
+            return fresh
+        saved = plan.load_plan(config.output_dir)  # another process planned first
+    for key, value in identity.items():
+        if saved.facts.get(key) != value:
+            raise PlanMismatch(
+                f"{config.output_dir} was started with {key}={saved.facts.get(key)!r}, not {value!r}: "
+                "resume with the same input and weights, or write to a new OUTPUT folder"
+            )
+    if config.shard_size not in (None, saved.shard_size):
+        _logger.warning("keeping the saved plan's shard size %d (asked for %d)", saved.shard_size, config.shard_size)
+    return saved
+
+
+def _run_facts(the_plan: plan.Plan, net: torch.nn.Module, transforms) -> dict:
+    """What every shard's metadata and the manifest say about the run."""
+    return {
+        **the_plan.facts,
+        "schema_version": SCHEMA_VERSION,
+        "model": "torchvision.models.resnet18",
+        "classes": net.fc.out_features,
+        "preprocessing": repr(transforms),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "torchvision": torchvision.__version__, "pillow": PIL.__version__, "pyarrow": pa.__version__},
+    }
+
+
+def _summary(records: dict[int, dict], total: int, started: float, images_this_run: int) -> Summary:
+    ok = sum(record["status_counts"].get("ok", 0) for record in records.values())
+    errors = sum(record["status_counts"].get("error", 0) for record in records.values())
+    return Summary(total, ok, errors, time.monotonic() - started, images_this_run)
+
+
+def run(config: Config) -> Summary:
+    started = time.monotonic()
+    plan.check_input(config.input_dir)
+    config.output_dir.mkdir(parents=True, exist_ok=True)
+    source = model.resolve_weights(config.weights, config.seed)
+    identity = {"input_dir": str(config.input_dir.resolve()), **source.facts()}
+    the_plan = _open_plan(config, identity)
+    shards = list(range(the_plan.shard_count))
+    records = commit.committed_records(config.output_dir, the_plan, shards)
+    pending = [shard for shard in shards if shard not in records]
+
+    net = model.build_model(source)
+    names = model.class_names(net.fc.out_features, config.labels)
+    transforms = model.preprocessing_transforms()
+    run_facts = _run_facts(the_plan, net, transforms)
+    if not pending:
+        if not (config.output_dir / commit.MANIFEST_NAME).exists():
+            commit.write_manifest(config.output_dir, the_plan, records, run_facts)
+        _logger.info("nothing to do: all %d shards are committed", len(shards))
+        return _summary(records, len(the_plan.paths), started, 0)
+
+    device = infer.pick_device(config.device)
+    classifier = infer.Classifier(net, device, transforms.mean, transforms.std, config.topk)
+    indices = [index for shard in pending for index in the_plan.shard_range(shard)]
+    dataset = decode.ImageFiles(config.input_dir, the_plan, indices, decode.Preprocess.from_transforms(transforms))
+    loader = decode.make_loader(dataset, config.batch_size, config.workers, pin_memory=device.type == "cuda")
+    _logger.info("classifying %d images (%d shards) on %s with %d workers, %d already committed",
+                 len(indices), len(pending), device, config.workers, len(the_plan.paths) - len(indices))
+
+    writer = ShardWriter(config.output_dir, the_plan, names, {**run_facts, "config": config.to_json()})
+    progress = Progress(len(the_plan.paths), len(the_plan.paths) - len(indices), config.progress, config.log_every_s)
+    try:
+        for scored in classifier.score(loader):
+            writer.add(scored)
+            progress.update(len(scored.batch.errors), sum(e is not None for e in scored.batch.errors))
+    finally:
+        writer.close()
+        progress.close()
+    records.update(writer.committed)
+    commit.write_manifest(config.output_dir, the_plan, records, run_facts)
+    return _summary(records, len(the_plan.paths), started, progress.images_this_run)

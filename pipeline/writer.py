@@ -1,0 +1,146 @@
+"""Turn scored batches into Arrow rows (one per input file, ok or error) and encode a shard as Parquet."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.commit import commit_shard, status_counts
+from pipeline.infer import Scored
+from pipeline.plan import Plan
+
+SCHEMA_VERSION = 1
+
+SCHEMA = pa.schema(
+    [
+        pa.field("path", pa.string(), nullable=False),  # relative to the input folder, '/'-separated
+        pa.field("status", pa.string(), nullable=False),  # 'ok' or 'error'
+        pa.field("error", pa.string()),  # why the file could not be classified; null when ok
+        pa.field("label", pa.int32()),  # argmax class index; null for errors
+        pa.field("label_name", pa.string()),  # the class's name
+        pa.field("prob", pa.float32()),  # softmax probability of label
+        pa.field("topk_labels", pa.list_(pa.int32())),  # k best class indices, best first
+        pa.field("topk_probs", pa.list_(pa.float32())),  # their softmax probabilities
+        pa.field("logits", pa.list_(pa.float32())),  # every class's logit, in class order
+    ]
+)
+
+_FLOAT_COLUMNS = ("prob", "topk_probs.list.element", "logits.list.element")
+
+
+def _ok_list(values: np.ndarray, ok: np.ndarray, value_type: pa.DataType) -> pa.ListArray:
+    """A list column with values's rows at the ok positions and nulls elsewhere."""
+    lengths = np.where(ok, values.shape[1], 0)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    flat = pa.array(values.reshape(-1), type=value_type)
+    return pa.ListArray.from_arrays(pa.array(offsets), flat, mask=pa.array(~ok))
+
+
+def _spread(values: np.ndarray, ok: np.ndarray, value_type: pa.DataType) -> pa.Array:
+    """values at the ok positions of a column as long as ok, nulls elsewhere."""
+    full = np.zeros(len(ok), dtype=values.dtype)
+    full[ok] = values
+    return pa.array(full, type=value_type, mask=~ok)
+
+
+def rows(scored: Scored, paths: pa.StringArray, names: pa.StringArray) -> pa.Table:
+    """One row per item of the batch, in plan order."""
+    batch = scored.batch
+    ok = np.array([error is None for error in batch.errors], dtype=bool)
+    labels = _spread(scored.topk_labels[:, 0], ok, pa.int32())
+    return pa.Table.from_arrays(
+        [
+            paths.take(pa.array(batch.indices.numpy())),
+            pa.array(np.where(ok, "ok", "error"), type=pa.string()),
+            pa.array(batch.errors, type=pa.string()),
+            labels,
+            names.take(labels),
+            _spread(scored.topk_probs[:, 0], ok, pa.float32()),
+            _ok_list(scored.topk_labels, ok, pa.int32()),
+            _ok_list(scored.topk_probs, ok, pa.float32()),
+            _ok_list(scored.logits, ok, pa.float32()),
+        ],
+        schema=SCHEMA,
+    )
+
+
+def encode_shard(table: pa.Table, run_facts: dict) -> bytes:
+    """A whole shard as Parquet bytes: one row group, zstd, floats byte-stream-split."""
+    metadata = {"schema_version": str(SCHEMA_VERSION), "pipeline.run": json.dumps(run_facts, sort_keys=True)}
+    table = table.replace_schema_metadata(metadata)
+    sink = pa.BufferOutputStream()
+    pq.write_table(
+        table,
+        sink,
+        row_group_size=max(1, table.num_rows),
+        compression="zstd",
+        use_dictionary=["status", "error", "label_name"],
+        column_encoding={column: "BYTE_STREAM_SPLIT" for column in _FLOAT_COLUMNS},
+    )
+    return sink.getvalue().to_pybytes()
+
+
+class ShardWriter:
+    """Buffers rows until a shard is whole, then encodes and commits it on a background thread."""
+
+    def __init__(self, output_dir: Path, plan: Plan, names: list[str], run_facts: dict):
+        self.output_dir = output_dir
+        self.plan = plan
+        self.names = pa.array(names, type=pa.string())
+        self.run_facts = run_facts
+        self.shard: int | None = None
+        self.pieces: list[pa.Table] = []
+        self.buffered = 0
+        self.committed: dict[int, dict] = {}
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
+        self._commit: Future | None = None
+
+    def add(self, scored: Scored) -> None:
+        """Rows of one scored batch; a batch may end one shard and start the next."""
+        table = rows(scored, self.plan.paths, self.names)
+        shards = scored.batch.indices.numpy() // self.plan.shard_size
+        cuts = np.flatnonzero(np.diff(shards)) + 1
+        for start, stop in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [len(shards)]]), strict=True):
+            self._append(int(shards[start]), table.slice(start, stop - start))
+
+    def _append(self, shard: int, piece: pa.Table) -> None:
+        if shard != self.shard:
+            if self.buffered:
+                raise RuntimeError(f"shard {self.shard} left incomplete before shard {shard} began")
+            self.shard = shard
+        self.pieces.append(piece)
+        self.buffered += piece.num_rows
+        if self.buffered == len(self.plan.shard_range(shard)):
+            self._flush()
+
+    def _flush(self) -> None:
+        table = pa.concat_tables(self.pieces).combine_chunks()
+        expected = self.plan.paths[self.plan.shard_range(self.shard).start :][: table.num_rows]
+        if not table.column("path").chunk(0).equals(expected):
+            raise RuntimeError(f"shard {self.shard}: rows are not in plan order; refusing to commit it")
+        self.wait()  # at most one shard in flight: memory stays bounded, errors surface promptly
+        self._commit = self._thread.submit(self._encode_and_commit, self.shard, table)
+        self.pieces, self.buffered = [], 0
+
+    def _encode_and_commit(self, shard: int, table: pa.Table) -> None:
+        data = encode_shard(table, self.run_facts)
+        counts = status_counts(table["status"])
+        self.committed[shard] = commit_shard(self.output_dir, self.plan, shard, data, counts)
+
+    def wait(self) -> None:
+        """Block until the shard in flight is committed; re-raise its error."""
+        if self._commit is not None:
+            self._commit.result()
+            self._commit = None
+
+    def close(self) -> None:
+        """Commit what is in flight and stop the thread; rows of an unfinished shard are dropped."""
+        try:
+            self.wait()
+        finally:
+            self._thread.shutdown(wait=True)

@@ -1,0 +1,69 @@
+"""Commit and resume bookkeeping: visible shards are whole, damaged ones are found and redone."""
+
+import hashlib
+import json
+
+import pyarrow as pa
+
+from pipeline.commit import MANIFEST_NAME, commit_shard, committed_records, shard_name, write_manifest
+from pipeline.durable import durable_publish
+from pipeline.plan import Listing, new_plan
+from pipeline.writer import encode_shard, rows
+from tests.test_writer import NAMES, _scored
+
+
+def _commit_all(out, plan):
+    for shard in range(plan.shard_count):
+        indices = list(plan.shard_range(shard))
+        table = rows(_scored(indices, [None] * len(indices)), plan.paths, pa.array(NAMES))
+        commit_shard(out, plan, shard, encode_shard(table, {}), {"ok": len(indices)})
+
+
+def test_durable_publish_is_all_or_nothing_and_exclusive_on_request(tmp_path):
+    target = tmp_path / "x.json"
+    assert durable_publish(target, b"one")
+    assert durable_publish(target, b"two")
+    assert target.read_bytes() == b"two"
+    assert not durable_publish(target, b"three", exclusive=True)
+    assert target.read_bytes() == b"two"
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+
+
+def test_committed_shards_are_found_and_damaged_ones_removed(tmp_path):
+    plan = new_plan(Listing([f"{i}.png" for i in range(8)], 0), 3, {})
+    _commit_all(tmp_path, plan)
+    assert sorted(committed_records(tmp_path, plan, [0, 1, 2])) == [0, 1, 2]
+
+    # shard 0 truncated by a crash, shard 1's record lost (killed between shard and record)
+    damaged = tmp_path / shard_name(plan, 0)
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    (tmp_path / "_shards" / f"{shard_name(plan, 1)}.json").unlink()
+
+    records = committed_records(tmp_path, plan, [0, 1, 2])
+
+    assert sorted(records) == [1, 2], "a truncated shard is never trusted"
+    assert not damaged.exists()
+    assert records[1]["rows"] == 3 and (tmp_path / "_shards" / f"{shard_name(plan, 1)}.json").exists()
+
+
+def test_a_visible_shard_with_the_wrong_row_count_is_redone(tmp_path):
+    plan = new_plan(Listing([f"{i}.png" for i in range(4)], 0), 2, {})
+    short = rows(_scored([0], [None]), plan.paths, pa.array(NAMES))
+    (tmp_path / shard_name(plan, 0)).write_bytes(encode_shard(short, {}))
+    assert committed_records(tmp_path, plan, [0, 1]) == {}
+    assert not (tmp_path / shard_name(plan, 0)).exists()
+
+
+def test_manifest_lists_every_shard_with_its_checksum(tmp_path):
+    plan = new_plan(Listing([f"{i}.png" for i in range(5)], 0), 2, {})
+    _commit_all(tmp_path, plan)
+    records = committed_records(tmp_path, plan, list(range(plan.shard_count)))
+
+    write_manifest(tmp_path, plan, records, {"run_id": plan.run_id})
+
+    manifest = json.loads((tmp_path / MANIFEST_NAME).read_text())
+    assert manifest["rows"] == 5 and manifest["status_counts"] == {"ok": 5}
+    assert [s["file"] for s in manifest["shards"]] == [shard_name(plan, s) for s in range(3)]
+
+    for shard in manifest["shards"]:
+        assert hashlib.sha256((tmp_path / shard["file"]).read_bytes()).hexdigest() == shard["sha256"]

@@ -1,0 +1,53 @@
+"""Listing and planning: which files are work items, in which order, cut into which shards."""
+
+import os
+
+import pytest
+
+from pipeline.plan import InputError, list_images, load_plan, new_plan, save_plan
+from tests.conftest import write_image
+
+
+def test_lists_every_image_recursively_sorted_and_counts_the_rest(tmp_path):
+    for name in ["b/2.JPG", "a/1.jpeg", "a/z/3.PNG", "c.webp", "d.bmp", "e.gif", "f.tif", "g.TIFF"]:
+        write_image(tmp_path / name, 0)
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "a" / "data.csv").write_text("x")
+    (tmp_path / "folder.jpg").mkdir()  # a folder with an image name is not an image
+    os.symlink(tmp_path / "c.webp", tmp_path / "link.webp")
+
+    listing = list_images(tmp_path)
+
+    assert listing.paths == ["a/1.jpeg", "a/z/3.PNG", "b/2.JPG", "c.webp", "d.bmp", "e.gif", "f.tif", "g.TIFF",
+                             "link.webp"]
+    assert listing.ignored == 2
+
+
+def test_missing_input_empty_input_and_file_input_are_refused_with_the_fix(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        list_images(tmp_path / "nope")
+    (tmp_path / "readme.txt").write_text("x")
+    with pytest.raises(InputError, match=r"found 0 images .*1 other files ignored.*\.jpg"):
+        list_images(tmp_path)
+    with pytest.raises(InputError, match="is not a folder"):
+        list_images(tmp_path / "readme.txt")
+
+
+def test_plan_cuts_shards_and_round_trips_through_the_output_folder(tmp_path):
+    for i in range(7):
+        write_image(tmp_path / "in" / f"{i}.png", i)
+    plan = new_plan(list_images(tmp_path / "in"), shard_size=3, identity={"input_dir": "x"})
+    assert plan.shard_count == 3
+    assert [list(plan.shard_range(s)) for s in range(3)] == [[0, 1, 2], [3, 4, 5], [6]]
+
+    out = tmp_path / "out"
+    out.mkdir()
+    assert save_plan(plan, out)
+    loaded = load_plan(out)
+    assert loaded.paths.to_pylist() == [f"{i}.png" for i in range(7)]
+    assert loaded.facts == plan.facts
+
+    other = new_plan(list_images(tmp_path / "in"), shard_size=5, identity={"input_dir": "y"})
+    assert not save_plan(other, out), "a second plan must never replace the first"
+    assert load_plan(out).facts["run_id"] == plan.run_id
+    assert [p.name for p in out.iterdir()] == ["_plan.arrow"], "no temporary file may be left behind"
