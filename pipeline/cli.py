@@ -52,6 +52,11 @@ def main() -> None:
 @click.option("--shard-size", type=click.IntRange(min=1), default=None,
               help=f"Rows per Parquet shard: the unit of commit and resume [default: {DEFAULT_SHARD_SIZE}; "
                    "a resume keeps the first run's].")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto", show_default=True,
+              help="Model precision; auto is fp16 on a GPU and fp32 on the CPU. Logits are always stored as float32.")
+@click.option("--decode", type=click.Choice(["auto", "cpu"]), default="auto", show_default=True,
+              help="JPEG decoding: auto decodes plain JPEGs on the GPU (nvJPEG) when running there; cpu always "
+                   "uses Pillow in the workers.")
 @click.option("--topk", type=click.IntRange(min=1), default=5, show_default=True,
               help="How many best classes go in topk_labels and topk_probs.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of --weights random.")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +17,9 @@ from torchvision.transforms import functional as F
 from pipeline.plan import Plan
 
 _logger = logging.getLogger(__name__)
+
+GPU_MAX_PIXELS = 24_000_000  # larger JPEGs are cheaper in Pillow's reduced-scale (draft) decode
+ORIENTATION_TAG = 0x0112  # EXIF orientation; nvJPEG ignores it, so rotated files go to Pillow
 
 
 @dataclass(frozen=True)
@@ -36,13 +41,30 @@ class Preprocess:
         )
 
 
-def decode_file(path: Path, preprocess: Preprocess) -> torch.Tensor:
-    """One image file as a uint8 CHW tensor: EXIF orientation, RGB, resize, center crop."""
-    with Image.open(path) as image:
+def decode_bytes(data: bytes, preprocess: Preprocess) -> torch.Tensor:
+    """One encoded image as a uint8 CHW tensor: EXIF orientation, RGB, resize, center crop."""
+    with Image.open(io.BytesIO(data)) as image:
         image = ImageOps.exif_transpose(image).convert("RGB")
     image = F.resize(image, [preprocess.resize_size], preprocess.interpolation, antialias=preprocess.antialias)
     image = F.center_crop(image, [preprocess.crop_size])
     return F.pil_to_tensor(image)
+
+
+def decode_file(path: Path, preprocess: Preprocess) -> torch.Tensor:
+    return decode_bytes(path.read_bytes(), preprocess)
+
+
+def gpu_decodable(data: bytes) -> bool:
+    """A baseline-or-progressive JPEG nvJPEG can take as is: RGB or grey, upright, complete, not huge.
+
+    Everything else (other formats, CMYK, EXIF-rotated, truncated, over GPU_MAX_PIXELS) is decoded
+    by Pillow in the worker, so every path meets the same checks and gives the same errors.
+    """
+    if not (data[:3] == b"\xff\xd8\xff" and data[-2:] == b"\xff\xd9"):
+        return False
+    with Image.open(io.BytesIO(data), formats=["JPEG"]) as image:
+        return (image.mode in ("RGB", "L") and image.width * image.height <= GPU_MAX_PIXELS
+                and image.getexif().get(ORIENTATION_TAG, 1) == 1)
 
 
 def describe_error(error: Exception) -> str:
@@ -51,44 +73,69 @@ def describe_error(error: Exception) -> str:
 
 
 @dataclass
+class Sample:
+    """One work item as a worker hands it over: decoded pixels, JPEG bytes for the GPU, or an error."""
+
+    index: int
+    image: torch.Tensor | None = None  # uint8 CHW, decoded by the worker
+    encoded: torch.Tensor | None = None  # uint8 [bytes] of a JPEG left to the GPU decoder
+    error: str | None = None
+
+
+@dataclass
 class Batch:
-    """A fixed run of consecutive work items: decoded images for the ok ones, messages for the rest."""
+    """A run of consecutive work items; each item is decoded, encoded (for the GPU) or an error."""
 
     indices: torch.Tensor  # int64 [n]: plan indices, in order
-    images: torch.Tensor  # uint8 [n_ok, 3, H, W]: the items whose error is None, in order
-    errors: list[str | None]  # [n]: None for a decoded item
+    errors: list[str | None]  # [n]: None for an item that is (or will be) decoded
+    images: torch.Tensor  # uint8 [n_decoded, 3, H, W]: items decoded by the workers
+    decoded_at: list[int]  # their positions in the batch
+    encoded: list[torch.Tensor]  # JPEG bytes of the items left to the GPU decoder
+    encoded_at: list[int]  # their positions in the batch
 
     def pin_memory(self) -> Batch:
-        """Called by the DataLoader's pin-memory thread, so the copy to the GPU can be asynchronous."""
-        return Batch(self.indices, self.images.pin_memory(), self.errors)
+        """Called by the DataLoader's pin-memory thread, so copies to the GPU can be asynchronous."""
+        return dataclasses.replace(self, images=self.images.pin_memory(),
+                                   encoded=[data.pin_memory() for data in self.encoded])
 
 
 class ImageFiles(Dataset):
-    """The items of a plan, by position in `indices`; each decodes to (index, image or None, error)."""
+    """The items of a plan, by position in `indices`; each becomes one Sample."""
 
-    def __init__(self, input_dir: Path, plan: Plan, indices: list[int], preprocess: Preprocess):
+    def __init__(self, input_dir: Path, plan: Plan, indices: list[int], preprocess: Preprocess,
+                 gpu_jpeg: bool = False):
         self.input_dir = input_dir
         self.paths = plan.paths  # Arrow: shared by forked workers without copy-on-write growth
         self.indices = indices
         self.preprocess = preprocess
+        self.gpu_jpeg = gpu_jpeg  # hand plain JPEGs over undecoded, for the GPU
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, position: int) -> tuple[int, torch.Tensor | None, str | None]:
+    def __getitem__(self, position: int) -> Sample:
         index = self.indices[position]
         path = self.input_dir / self.paths[index].as_py()
         try:
-            return index, decode_file(path, self.preprocess), None
+            data = path.read_bytes()
+            if self.gpu_jpeg and gpu_decodable(data):
+                return Sample(index, encoded=torch.frombuffer(bytearray(data), dtype=torch.uint8))
+            return Sample(index, image=decode_bytes(data, self.preprocess))
         except Exception as error:  # any failure of one file is that file's error row
-            return index, None, describe_error(error)
+            return Sample(index, error=describe_error(error))
 
 
-def collate(samples: list[tuple[int, torch.Tensor | None, str | None]]) -> Batch:
-    indices = torch.tensor([index for index, _, _ in samples], dtype=torch.int64)
-    images = [image for _, image, _ in samples if image is not None]
-    stacked = torch.stack(images) if images else torch.empty((0, 3, 0, 0), dtype=torch.uint8)
-    return Batch(indices=indices, images=stacked, errors=[error for _, _, error in samples])
+def collate(samples: list[Sample]) -> Batch:
+    decoded_at = [i for i, sample in enumerate(samples) if sample.image is not None]
+    images = [samples[i].image for i in decoded_at]
+    return Batch(
+        indices=torch.tensor([sample.index for sample in samples], dtype=torch.int64),
+        errors=[sample.error for sample in samples],
+        images=torch.stack(images) if images else torch.empty((0, 3, 0, 0), dtype=torch.uint8),
+        decoded_at=decoded_at,
+        encoded=[sample.encoded for sample in samples if sample.encoded is not None],
+        encoded_at=[i for i, sample in enumerate(samples) if sample.encoded is not None],
+    )
 
 
 def _quiet_worker(worker_id: int) -> None:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from pipeline.decode import Batch
+from pipeline.gpu_decode import GpuDecoder
 
 _logger = logging.getLogger(__name__)
 
@@ -33,19 +34,33 @@ class Scored:
     topk_probs: np.ndarray  # float32 [n_ok, k]
 
 
-class Classifier:
-    """The model on its device with the normalisation of its weights."""
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, mean: list[float], std: list[float], topk: int):
+
+def pick_precision(name: str, device: torch.device) -> torch.dtype:
+    """'auto' is fp16 on a GPU (measured fastest, logits within cosine 0.999 of fp32) and fp32 on the CPU."""
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return PRECISIONS[name]
+
+
+class Classifier:
+    """The model on its device, in its precision, with the normalisation of its weights."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, mean: list[float], std: list[float], topk: int,
+                 dtype: torch.dtype = torch.float32, decoder: GpuDecoder | None = None):
         self.device = device
-        self.model = model.to(device).eval()
+        self.dtype = dtype
+        self.memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+        self.model = model.to(device=device, dtype=dtype, memory_format=self.memory_format).eval()
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
         self.topk = topk
+        self.decoder = decoder  # None: the workers decoded every image
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Logits, top-k labels and top-k probabilities of a uint8 NCHW batch already on the device."""
-        x = (images.float() - self.mean) / self.std
+        x = ((images.float() - self.mean) / self.std).to(self.dtype, memory_format=self.memory_format)
         logits = self.model(x).float()
         probs, labels = torch.softmax(logits, dim=1).topk(self.topk, dim=1)
         return logits, labels.int(), probs
@@ -62,10 +77,13 @@ class Classifier:
                 yield self._collect(*in_flight.popleft())
 
     def _launch(self, batch: Batch):
-        if len(batch.images) == 0:
+        if self.decoder is not None:
+            images, count = self.decoder.images(batch)
+        else:
+            images, count = batch.images, len(batch.images)
+        if count == 0:
             return batch, None, None
-        images = batch.images.to(self.device, non_blocking=True)
-        outputs = self.forward(images)
+        outputs = tuple(t[:count] for t in self.forward(images))
         if self.device.type != "cuda":
             return batch, outputs, None
         host = tuple(t.to("cpu", non_blocking=True) for t in outputs)

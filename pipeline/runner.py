@@ -14,6 +14,7 @@ import torchvision
 
 from pipeline import commit, decode, infer, model, plan
 from pipeline.config import DEFAULT_SHARD_SIZE, Config
+from pipeline.gpu_decode import GpuDecoder
 from pipeline.progress import Progress
 from pipeline.writer import SCHEMA_VERSION, ShardWriter
 
@@ -101,10 +102,15 @@ def run(config: Config) -> Summary:
         return _summary(records, len(the_plan.paths), started, 0)
 
     device = infer.pick_device(config.device)
-    classifier = infer.Classifier(net, device, transforms.mean, transforms.std, config.topk)
+    preprocess = decode.Preprocess.from_transforms(transforms)
+    gpu = device.type == "cuda"
+    decoder = GpuDecoder(device, preprocess, config.batch_size) if gpu else None
+    classifier = infer.Classifier(net, device, transforms.mean, transforms.std, config.topk,
+                                  infer.pick_precision(config.precision, device), decoder)
     indices = [index for shard in pending for index in the_plan.shard_range(shard)]
-    dataset = decode.ImageFiles(config.input_dir, the_plan, indices, decode.Preprocess.from_transforms(transforms))
-    loader = decode.make_loader(dataset, config.batch_size, config.workers, pin_memory=device.type == "cuda")
+    dataset = decode.ImageFiles(config.input_dir, the_plan, indices, preprocess,
+                                gpu_jpeg=gpu and config.decode == "auto")
+    loader = decode.make_loader(dataset, config.batch_size, config.workers, pin_memory=gpu)
     _logger.info("classifying %d images (%d shards) on %s with %d workers, %d already committed",
                  len(indices), len(pending), device, config.workers, len(the_plan.paths) - len(indices))
 

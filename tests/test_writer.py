@@ -20,7 +20,8 @@ def _scored(indices, errors):
     logits = rng.normal(size=(n_ok, 4)).astype(np.float32)
     order = np.argsort(-logits, axis=1)[:, :2].astype(np.int32)
     probs = np.sort(rng.uniform(size=(n_ok, 2)).astype(np.float32), axis=1)[:, ::-1].copy()
-    batch = Batch(torch.tensor(indices), torch.zeros((n_ok, 3, 2, 2), dtype=torch.uint8), errors)
+    decoded_at = [i for i, error in enumerate(errors) if error is None]
+    batch = Batch(torch.tensor(indices), errors, torch.zeros((n_ok, 3, 2, 2), dtype=torch.uint8), decoded_at, [], [])
     return Scored(batch, logits, order, probs)
 
 

@@ -1,0 +1,74 @@
+"""The GPU decode path, run on the CPU device (same code, torchvision's CPU decoder): it must agree
+with the Pillow path, route what nvJPEG cannot take to Pillow, and fail one file alone."""
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.decode import ImageFiles, Preprocess, collate, decode_file, gpu_decodable
+from pipeline.gpu_decode import GpuDecoder
+from pipeline.infer import Classifier
+from pipeline.model import build_model, preprocessing_transforms, resolve_weights
+from pipeline.plan import list_images, new_plan
+from tests.conftest import write_image
+
+TRANSFORMS = preprocessing_transforms()
+PREPROCESS = Preprocess.from_transforms(TRANSFORMS)
+
+
+def _batch(folder, gpu_jpeg):
+    plan = new_plan(list_images(folder), 100, {})
+    dataset = ImageFiles(folder, plan, list(range(len(plan.paths))), PREPROCESS, gpu_jpeg=gpu_jpeg)
+    return plan, collate([dataset[i] for i in range(len(dataset))])
+
+
+def test_only_plain_upright_complete_jpegs_are_left_to_the_gpu(tmp_path):
+    plain = write_image(tmp_path / "plain.jpg", 0, size=(120, 90)).read_bytes()
+    grey = write_image(tmp_path / "grey.jpg", 1, mode="L").read_bytes()
+    cmyk = write_image(tmp_path / "cmyk.jpg", 2, mode="CMYK").read_bytes()
+    png = write_image(tmp_path / "a.png", 3).read_bytes()
+    rotated = Image.new("RGB", (40, 30))
+    exif = rotated.getexif()
+    exif[0x0112] = 6
+    rotated.save(tmp_path / "rotated.jpg", exif=exif)
+
+    assert gpu_decodable(plain) and gpu_decodable(grey)
+    assert not gpu_decodable(plain[: len(plain) // 2]), "a truncated JPEG goes to Pillow, which reports it"
+    assert not gpu_decodable(cmyk) and not gpu_decodable(png)
+    assert not gpu_decodable((tmp_path / "rotated.jpg").read_bytes())
+
+
+def test_gpu_path_images_agree_with_pillow_and_bad_files_fail_alone(tmp_path):
+    for i in range(4):
+        write_image(tmp_path / f"{i}.jpg", i, size=(300 + 37 * i, 200 + 11 * i), quality=90)
+    write_image(tmp_path / "4.png", 4, size=(250, 250))
+    good = (tmp_path / "0.jpg").read_bytes()
+    (tmp_path / "5.jpg").write_bytes(good[:200] + bytes(len(good) - 202) + b"\xff\xd9")  # garbage, EOI kept
+    plan, batch = _batch(tmp_path, gpu_jpeg=True)
+    assert batch.encoded_at == [0, 1, 2, 3, 5] and batch.decoded_at == [4]
+
+    images, count = GpuDecoder(torch.device("cpu"), PREPROCESS, batch_size=8).images(batch)
+
+    assert images.shape == (8, 3, 224, 224) and images.dtype == torch.uint8
+    assert batch.errors[:5] == [None] * 5 and batch.errors[5] is not None, "only the garbage file fails"
+    assert count == 5 and not images[5:].any()
+    for row, name in enumerate(plan.paths.to_pylist()[:5]):
+        pillow = decode_file(tmp_path / name, PREPROCESS).float()
+        assert (images[row].float() - pillow).abs().mean() < 2.0, name  # resize filters differ by rounding
+
+
+def test_gpu_path_logits_match_the_cpu_fp32_path(tmp_path, weights_file):
+    for i in range(6):
+        write_image(tmp_path / f"{i}.jpg", 10 + i, size=(320 + 29 * i, 240), quality=92)
+    model = build_model(resolve_weights(str(weights_file), seed=0))
+    reference = Classifier(model, torch.device("cpu"), TRANSFORMS.mean, TRANSFORMS.std, topk=5)
+    gpu_path = Classifier(model, torch.device("cpu"), TRANSFORMS.mean, TRANSFORMS.std, topk=5,
+                          decoder=GpuDecoder(torch.device("cpu"), PREPROCESS, batch_size=8))
+
+    expected = next(reference.score([_batch(tmp_path, gpu_jpeg=False)[1]])).logits
+    got = next(gpu_path.score([_batch(tmp_path, gpu_jpeg=True)[1]])).logits
+
+    cosine = (got * expected).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(expected, axis=1)
+    assert got.shape == expected.shape == (6, 1000)
+    assert cosine.min() >= 0.999, cosine
+    assert (got.argmax(1) == expected.argmax(1)).mean() >= 5 / 6
