@@ -78,7 +78,7 @@ class Sample:
 
     index: int
     image: torch.Tensor | None = None  # uint8 CHW, decoded by the worker
-    encoded: torch.Tensor | None = None  # uint8 [bytes] of a JPEG left to the GPU decoder
+    encoded: bytes | None = None  # a JPEG file left to the GPU decoder
     error: str | None = None
 
 
@@ -90,13 +90,17 @@ class Batch:
     errors: list[str | None]  # [n]: None for an item that is (or will be) decoded
     images: torch.Tensor  # uint8 [n_decoded, 3, H, W]: items decoded by the workers
     decoded_at: list[int]  # their positions in the batch
-    encoded: list[torch.Tensor]  # JPEG bytes of the items left to the GPU decoder
+    encoded: torch.Tensor  # uint8 [total bytes]: the JPEG files left to the GPU decoder, end to end
+    encoded_sizes: list[int]  # each file's length in encoded (one tensor crosses processes, not 256)
     encoded_at: list[int]  # their positions in the batch
+
+    def jpegs(self) -> list[torch.Tensor]:
+        """One uint8 view per JPEG file left to the GPU decoder."""
+        return list(torch.split(self.encoded, self.encoded_sizes)) if self.encoded_sizes else []
 
     def pin_memory(self) -> Batch:
         """Called by the DataLoader's pin-memory thread, so copies to the GPU can be asynchronous."""
-        return dataclasses.replace(self, images=self.images.pin_memory(),
-                                   encoded=[data.pin_memory() for data in self.encoded])
+        return dataclasses.replace(self, images=self.images.pin_memory(), encoded=self.encoded.pin_memory())
 
 
 class ImageFiles(Dataset):
@@ -119,7 +123,7 @@ class ImageFiles(Dataset):
         try:
             data = path.read_bytes()
             if self.gpu_jpeg and gpu_decodable(data):
-                return Sample(index, encoded=torch.frombuffer(bytearray(data), dtype=torch.uint8))
+                return Sample(index, encoded=data)
             return Sample(index, image=decode_bytes(data, self.preprocess))
         except Exception as error:  # any failure of one file is that file's error row
             return Sample(index, error=describe_error(error))
@@ -127,14 +131,17 @@ class ImageFiles(Dataset):
 
 def collate(samples: list[Sample]) -> Batch:
     decoded_at = [i for i, sample in enumerate(samples) if sample.image is not None]
-    images = [samples[i].image for i in decoded_at]
+    encoded_at = [i for i, sample in enumerate(samples) if sample.encoded is not None]
+    jpegs = b"".join(samples[i].encoded for i in encoded_at)
     return Batch(
         indices=torch.tensor([sample.index for sample in samples], dtype=torch.int64),
         errors=[sample.error for sample in samples],
-        images=torch.stack(images) if images else torch.empty((0, 3, 0, 0), dtype=torch.uint8),
+        images=torch.stack([samples[i].image for i in decoded_at]) if decoded_at else torch.empty(
+            (0, 3, 0, 0), dtype=torch.uint8),
         decoded_at=decoded_at,
-        encoded=[sample.encoded for sample in samples if sample.encoded is not None],
-        encoded_at=[i for i, sample in enumerate(samples) if sample.encoded is not None],
+        encoded=torch.frombuffer(bytearray(jpegs), dtype=torch.uint8) if jpegs else torch.empty(0, dtype=torch.uint8),
+        encoded_sizes=[len(samples[i].encoded) for i in encoded_at],
+        encoded_at=encoded_at,
     )
 
 

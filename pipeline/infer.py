@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ import numpy as np
 import torch
 
 from pipeline.decode import Batch
-from pipeline.gpu_decode import GpuDecoder
+from pipeline.gpu_decode import GpuDecoder, decode_ahead
 
 _logger = logging.getLogger(__name__)
 
@@ -52,14 +53,16 @@ class Classifier:
         self.device = device
         self.dtype = dtype
         self.memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+        torch.backends.cudnn.benchmark = device.type == "cuda"  # batches have one fixed shape
         self.model = model.to(device=device, dtype=dtype, memory_format=self.memory_format).eval()
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
         self.topk = topk
         self.decoder = decoder  # None: the workers decoded every image
+        self.first_launch: float | None = None  # monotonic time the first batch went to the device
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Logits, top-k labels and top-k probabilities of a uint8 NCHW batch already on the device."""
+        """Logits, top-k labels and top-k probabilities of a batch of 0..255 pixels on the device."""
         x = ((images.float() - self.mean) / self.std).to(self.dtype, memory_format=self.memory_format)
         logits = self.model(x).float()
         probs, labels = torch.softmax(logits, dim=1).topk(self.topk, dim=1)
@@ -67,20 +70,28 @@ class Classifier:
 
     def score(self, batches: Iterable[Batch]) -> Iterator[Scored]:
         """Score batches in order, one batch in flight on the device while the previous is read back."""
-        in_flight: deque[tuple[Batch, tuple[torch.Tensor, ...], torch.cuda.Event | None]] = deque()
+        in_flight: deque = deque()
         with torch.inference_mode():
-            for batch in batches:
-                in_flight.append(self._launch(batch))
+            for batch, images, count in self._staged(batches):
+                in_flight.append(self._launch(batch, images, count))
                 if len(in_flight) > 1:
                     yield self._collect(*in_flight.popleft())
             while in_flight:
                 yield self._collect(*in_flight.popleft())
 
-    def _launch(self, batch: Batch):
-        if self.decoder is not None:
-            images, count = self.decoder.images(batch)
-        else:
-            images, count = batch.images, len(batch.images)
+    def _staged(self, batches: Iterable[Batch]) -> Iterator[tuple[Batch, torch.Tensor, int]]:
+        """Each batch with its images on the device, decoded ahead in a thread when there is a GPU."""
+        if self.decoder is None:
+            yield from ((batch, batch.images, len(batch.images)) for batch in batches)
+        elif self.device.type == "cuda":
+            yield from decode_ahead(batches, self.decoder)
+        else:  # the GPU path's code on the CPU: for tests
+            yield from ((batch, *self.decoder.images(batch)) for batch in batches)
+
+    def _launch(self, batch: Batch, images: torch.Tensor, count: int):
+        if self.first_launch is None:
+            self.first_launch = time.monotonic()
+            _logger.info("first batch on %s", self.device)
         if count == 0:
             return batch, None, None
         outputs = tuple(t[:count] for t in self.forward(images))

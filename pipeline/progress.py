@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Iterable, Iterator
 
 from tqdm import tqdm
 
@@ -39,3 +40,22 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class Waiting:
+    """Time spent blocked on an iterator (the DataLoader): the part of a run the device waited on reading."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def wrap(self, items: Iterable) -> Iterator:
+        iterator = iter(items)
+        while True:
+            started = time.monotonic()
+            try:
+                item = next(iterator)
+            except StopIteration:
+                return
+            finally:
+                self.seconds += time.monotonic() - started
+            yield item

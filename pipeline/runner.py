@@ -15,7 +15,7 @@ import torchvision
 from pipeline import commit, decode, infer, model, plan
 from pipeline.config import DEFAULT_SHARD_SIZE, Config
 from pipeline.gpu_decode import GpuDecoder
-from pipeline.progress import Progress
+from pipeline.progress import Progress, Waiting
 from pipeline.writer import SCHEMA_VERSION, ShardWriter
 
 _logger = logging.getLogger(__name__)
@@ -30,13 +30,17 @@ class Summary:
     images: int  # rows of the plan: every image, ok or error
     ok: int
     errors: int
-    seconds: float  # this process's wall time
+    seconds: float  # wall time of the run, from the runner's start
     images_this_run: int  # images classified by this process (0 when resuming a finished output)
+    steady_seconds: float = 0.0  # from the first batch on the device to the last commit
+    gpu_peak_gib: float = 0.0  # peak memory the caching allocator held on the GPU
 
     def line(self) -> str:
         rate = self.images_this_run / max(self.seconds, 1e-9)
-        return (f"images={self.images} ok={self.ok} errors={self.errors} "
-                f"seconds={self.seconds:.1f} img/s={rate:.1f} (this run: {self.images_this_run} images)")
+        steady = self.images_this_run / max(self.steady_seconds, 1e-9)
+        return (f"images={self.images} ok={self.ok} errors={self.errors} seconds={self.seconds:.1f} "
+                f"img/s={rate:.1f} steady_img/s={steady:.1f} gpu_peak_gib={self.gpu_peak_gib:.2f} "
+                f"(this run: {self.images_this_run} images)")
 
 
 def _open_plan(config: Config, identity: dict) -> plan.Plan:
@@ -104,20 +108,22 @@ def run(config: Config) -> Summary:
     device = infer.pick_device(config.device)
     preprocess = decode.Preprocess.from_transforms(transforms)
     gpu = device.type == "cuda"
-    decoder = GpuDecoder(device, preprocess, config.batch_size) if gpu else None
-    classifier = infer.Classifier(net, device, transforms.mean, transforms.std, config.topk,
-                                  infer.pick_precision(config.precision, device), decoder)
     indices = [index for shard in pending for index in the_plan.shard_range(shard)]
     dataset = decode.ImageFiles(config.input_dir, the_plan, indices, preprocess,
                                 gpu_jpeg=gpu and config.decode == "auto")
     loader = decode.make_loader(dataset, config.batch_size, config.workers, pin_memory=gpu)
+    batches = iter(loader)  # the workers start decoding while the model moves to the device
+    dtype = infer.pick_precision(config.precision, device)
+    decoder = GpuDecoder(device, preprocess, config.batch_size, dtype) if gpu else None
+    classifier = infer.Classifier(net, device, transforms.mean, transforms.std, config.topk, dtype, decoder)
     _logger.info("classifying %d images (%d shards) on %s with %d workers, %d already committed",
                  len(indices), len(pending), device, config.workers, len(the_plan.paths) - len(indices))
 
     writer = ShardWriter(config.output_dir, the_plan, names, {**run_facts, "config": config.to_json()})
     progress = Progress(len(the_plan.paths), len(the_plan.paths) - len(indices), config.progress, config.log_every_s)
+    reading = Waiting()
     try:
-        for scored in classifier.score(loader):
+        for scored in classifier.score(reading.wrap(batches)):
             writer.add(scored)
             progress.update(len(scored.batch.errors), sum(e is not None for e in scored.batch.errors))
     finally:
@@ -125,4 +131,10 @@ def run(config: Config) -> Summary:
         progress.close()
     records.update(writer.committed)
     commit.write_manifest(config.output_dir, the_plan, records, run_facts)
-    return _summary(records, len(the_plan.paths), started, progress.images_this_run)
+    summary = _summary(records, len(the_plan.paths), started, progress.images_this_run)
+    summary.steady_seconds = time.monotonic() - (classifier.first_launch or started)
+    _logger.info("waited %.1f s of %.1f s for decoded batches from the workers", reading.seconds,
+                 summary.steady_seconds)
+    if gpu:
+        summary.gpu_peak_gib = torch.cuda.max_memory_reserved(device) / 2**30
+    return summary

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.commit import commit_shard, status_counts
+from pipeline.config import default_workers
 from pipeline.infer import Scored
 from pipeline.plan import Plan
 
@@ -85,8 +87,13 @@ def encode_shard(table: pa.Table, run_facts: dict) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
+def _encoder_threads() -> int:
+    """Parquet encoding runs ~20k rows/s a thread (zstd, 1000 logits a row): enough threads to outpace a GPU."""
+    return max(1, min(4, default_workers() // 4))
+
+
 class ShardWriter:
-    """Buffers rows until a shard is whole, then encodes and commits it on a background thread."""
+    """Buffers rows until a shard is whole, then encodes and commits it on background threads."""
 
     def __init__(self, output_dir: Path, plan: Plan, names: list[str], run_facts: dict):
         self.output_dir = output_dir
@@ -97,8 +104,9 @@ class ShardWriter:
         self.pieces: list[pa.Table] = []
         self.buffered = 0
         self.committed: dict[int, dict] = {}
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
-        self._commit: Future | None = None
+        self._parallel = _encoder_threads()
+        self._threads = ThreadPoolExecutor(max_workers=self._parallel, thread_name_prefix="shard-writer")
+        self._commits: deque[Future] = deque()
 
     def add(self, scored: Scored) -> None:
         """Rows of one scored batch; a batch may end one shard and start the next."""
@@ -123,8 +131,9 @@ class ShardWriter:
         expected = self.plan.paths[self.plan.shard_range(self.shard).start :][: table.num_rows]
         if not table.column("path").chunk(0).equals(expected):
             raise RuntimeError(f"shard {self.shard}: rows are not in plan order; refusing to commit it")
-        self.wait()  # at most one shard in flight: memory stays bounded, errors surface promptly
-        self._commit = self._thread.submit(self._encode_and_commit, self.shard, table)
+        while len(self._commits) >= self._parallel:  # bounded memory; errors surface promptly
+            self._commits.popleft().result()
+        self._commits.append(self._threads.submit(self._encode_and_commit, self.shard, table))
         self.pieces, self.buffered = [], 0
 
     def _encode_and_commit(self, shard: int, table: pa.Table) -> None:
@@ -133,14 +142,13 @@ class ShardWriter:
         self.committed[shard] = commit_shard(self.output_dir, self.plan, shard, data, counts)
 
     def wait(self) -> None:
-        """Block until the shard in flight is committed; re-raise its error."""
-        if self._commit is not None:
-            self._commit.result()
-            self._commit = None
+        """Block until the shards in flight are committed; re-raise the first error."""
+        while self._commits:
+            self._commits.popleft().result()
 
     def close(self) -> None:
         """Commit what is in flight and stop the thread; rows of an unfinished shard are dropped."""
         try:
             self.wait()
         finally:
-            self._thread.shutdown(wait=True)
+            self._threads.shutdown(wait=True)

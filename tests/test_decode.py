@@ -54,7 +54,7 @@ def test_a_bad_file_becomes_an_error_in_its_own_place(tmp_path):
     batch = collate([dataset[i] for i in range(3)])
 
     assert batch.indices.tolist() == [0, 1, 2]
-    assert batch.decoded_at == [0, 2] and batch.encoded == []
+    assert batch.decoded_at == [0, 2] and batch.jpegs() == []
     assert batch.errors[0] is None and batch.errors[2] is None
     assert batch.errors[1].startswith("UnidentifiedImageError")
     assert batch.images.shape == (2, 3, 224, 224)
