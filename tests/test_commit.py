@@ -70,3 +70,21 @@ def test_manifest_lists_every_shard_with_its_checksum(tmp_path):
     for shard in manifest["shards"]:
         assert hashlib.sha256((tmp_path / shard["file"]).read_bytes()).hexdigest() == shard["sha256"]
 
+
+def test_manifest_carries_totals_versions_and_fingerprints_and_is_deterministic(tmp_path):
+    plan = new_plan(Listing([f"{i}.png" for i in range(5)], 0), 2, {})
+    _commit_all(tmp_path, plan)
+    records = committed_records(tmp_path, plan, list(range(plan.shard_count)))
+    facts = {**plan.facts, "schema_version": 2, "weights_sha256": "ab" * 32}
+
+    manifest = write_manifest(tmp_path, plan, records, facts)
+    first = (tmp_path / MANIFEST_NAME).read_bytes()
+    write_manifest(tmp_path, plan, dict(reversed(list(records.items()))), facts)  # as another rank would
+
+    assert (tmp_path / MANIFEST_NAME).read_bytes() == first
+    files = sorted(tmp_path.glob("part-*.parquet"))
+    assert manifest["files"] == len(files) == 3
+    assert manifest["bytes"] == sum(f.stat().st_size for f in files)
+    assert manifest["schema_version"] == 2 and manifest["model_fingerprint"] == "ab" * 32
+    assert manifest["input_fingerprint"] == hashlib.sha256(b"".join(f"{i}.png".encode() + b"\0" for i in range(5))
+                                                           ).hexdigest()
