@@ -30,6 +30,15 @@ def _setup_logging(verbose: bool) -> None:
     )
 
 
+def _partitions(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    from pipeline.layout import LayoutError, parse_partitions
+
+    try:
+        return parse_partitions(values)
+    except LayoutError as error:
+        raise click.BadParameter(str(error)) from error
+
+
 @click.group()
 def main() -> None:
     """Classify folders of images with ResNet18 into resumable Parquet shards."""
@@ -62,6 +71,12 @@ def main() -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of --weights random.")
 @click.option("--progress", type=click.Choice(["auto", "bar", "log"]), default="auto", show_default=True,
               help="A progress bar (auto: at a terminal) or periodic log lines (auto: under cron or Slurm).")
+@click.option("--partition", multiple=True, callback=_partitions, metavar="KEY=VALUE",
+              help="Write the run into the Hive partition OUTPUT/KEY=VALUE/ (repeat for nested keys), "
+                   "for example --partition run_date=2024-05-01.")
+@click.option("--logits", type=click.Choice(["float32", "float16", "none"]), default="float32", show_default=True,
+              help="How the logits column keeps every class's logit: float32, float16 (rounded to half "
+                   "precision, stored as float32, about half the bytes) or none (null; top-k columns stay).")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def classify(input_dir: Path, output_dir: Path, verbose: bool, **options) -> None:
     """Classify every image under INPUT into Parquet shards in OUTPUT.
@@ -71,13 +86,14 @@ def classify(input_dir: Path, output_dir: Path, verbose: bool, **options) -> Non
     """
     _setup_logging(verbose)
     from pipeline import runner  # imports torch: keep --help fast
+    from pipeline.layout import LayoutError
     from pipeline.model import WeightsError
     from pipeline.plan import InputError
 
     config = Config(input_dir=input_dir, output_dir=output_dir, **options)
     try:
         summary = runner.run(config)
-    except (InputError, WeightsError, runner.PlanMismatch) as error:
+    except (InputError, WeightsError, LayoutError, runner.PlanMismatch) as error:
         _logger.error("%s", error)
         sys.exit(Exit.USAGE)
     _logger.info("done: %s", summary.line())

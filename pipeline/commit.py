@@ -94,14 +94,20 @@ def committed_records(output_dir: Path, plan: Plan, shards: list[int]) -> dict[i
 
 
 def write_manifest(output_dir: Path, plan: Plan, records: dict[int, dict], run_facts: dict) -> dict:
-    """_SUCCESS, written last: every shard's file, rows, bytes and sha256, and the run's counts."""
+    """_SUCCESS, written last: every shard's file, rows, bytes and sha256, the totals, schema version,
+    fingerprints of model and input, and the run's counts. Deterministic: the same records give the same bytes."""
     shards = [records[shard] for shard in range(plan.shard_count)]
     counts: Counter[str] = Counter()
     for record in shards:
         counts.update(record["status_counts"])
     manifest = {
         "run": run_facts,
+        "files": len(shards),
         "rows": sum(record["rows"] for record in shards),
+        "bytes": sum(record["bytes"] for record in shards),
+        "schema_version": run_facts.get("schema_version"),
+        "model_fingerprint": run_facts.get("weights_sha256"),  # sha256 of the weights file (of the seed: random)
+        "input_fingerprint": plan.facts.get("input_fingerprint"),  # sha256 of the plan's paths (plan.py)
         "status_counts": dict(sorted(counts.items())),
         "shards": shards,
     }

@@ -36,6 +36,14 @@ class Config:
     seed: int = 0  # seed of --weights random
     progress: str = "auto"  # 'auto' (bar at a terminal, log lines otherwise), 'bar' or 'log'
     log_every_s: float = 30.0  # seconds between progress log lines when there is no bar
+    partition: tuple[tuple[str, str], ...] = ()  # Hive partition (key, value) pairs: the run lives in
+    #   OUTPUT/key=value/...; checked by pipeline.layout.parse_partition
+    logits: str = "float32"  # 'float32', 'float16' (rounded to half precision) or 'none' (null logits column)
+
+    @property
+    def run_dir(self) -> Path:
+        """The folder of this run's shards and state: OUTPUT, or its Hive partition folder."""
+        return self.output_dir.joinpath(*(f"{key}={value}" for key, value in self.partition))
 
     def to_json(self) -> dict:
         """The config as plain JSON values, for the run metadata."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -87,6 +88,14 @@ def list_images(input_dir: Path) -> Listing:
     return Listing(paths=paths, ignored=ignored)
 
 
+def input_fingerprint(paths: list[str]) -> str:
+    """sha256 over the plan's paths in order, each UTF-8 encoded and followed by a NUL byte."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.encode("utf-8", "surrogateescape") + b"\0")
+    return digest.hexdigest()
+
+
 def new_plan(listing: Listing, shard_size: int, identity: dict) -> Plan:
     """A fresh plan with a new run id; identity holds what a resume must match (input, weights)."""
     facts = dict(identity)
@@ -96,6 +105,7 @@ def new_plan(listing: Listing, shard_size: int, identity: dict) -> Plan:
         items=len(listing.paths),
         ignored_files=listing.ignored,
         shard_size=shard_size,
+        input_fingerprint=input_fingerprint(listing.paths),
     )
     return Plan(paths=pa.array(listing.paths, type=pa.string()), shard_size=shard_size, facts=facts)
 
@@ -108,6 +118,15 @@ def save_plan(plan: Plan, output_dir: Path) -> bool:
     with pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
     return durable_publish(output_dir / PLAN_NAME, sink.getvalue().to_pybytes(), exclusive=True)
+
+
+def load_facts(output_dir: Path) -> dict | None:
+    """The saved plan's facts (run id, input, weights, ...) without reading its paths; None when there is none."""
+    path = output_dir / PLAN_NAME
+    if not path.exists():
+        return None
+    with pa.memory_map(str(path)) as source:
+        return json.loads(pa.ipc.open_file(source).schema.metadata[b"pipeline.plan"])
 
 
 def load_plan(output_dir: Path) -> Plan | None:

@@ -12,7 +12,7 @@ import pyarrow as pa
 import torch
 import torchvision
 
-from pipeline import commit, decode, infer, model, plan
+from pipeline import commit, decode, infer, layout, model, plan
 from pipeline.config import DEFAULT_SHARD_SIZE, Config
 from pipeline.gpu_decode import GpuDecoder
 from pipeline.progress import Progress, Waiting
@@ -45,31 +45,33 @@ class Summary:
 
 def _open_plan(config: Config, identity: dict) -> plan.Plan:
     """The output's plan: the saved one when resuming (checked against identity), else a new one."""
-    saved = plan.load_plan(config.output_dir)
+    saved = plan.load_plan(config.run_dir)
     if saved is None:
+        layout.check_no_unfinished_twin(config.output_dir, config.partition, identity)
         listing = plan.list_images(config.input_dir)
         fresh = plan.new_plan(listing, config.shard_size or DEFAULT_SHARD_SIZE, identity)
-        if plan.save_plan(fresh, config.output_dir):
+        if plan.save_plan(fresh, config.run_dir):
             _logger.info("planned %d images in %d shards (%d other files ignored), run id %s",
                          len(listing.paths), fresh.shard_count, listing.ignored, fresh.run_id)
             return fresh
-        saved = plan.load_plan(config.output_dir)  # another process planned first
+        saved = plan.load_plan(config.run_dir)  # another process planned first
     for key, value in identity.items():
         if saved.facts.get(key) != value:
             raise PlanMismatch(
-                f"{config.output_dir} was started with {key}={saved.facts.get(key)!r}, not {value!r}: "
-                "resume with the same input and weights, or write to a new OUTPUT folder"
+                f"{config.run_dir} was started with {key}={saved.facts.get(key)!r}, not {value!r}: "
+                "resume with the same input, weights and --logits, or write to a new OUTPUT folder"
             )
     if config.shard_size not in (None, saved.shard_size):
         _logger.warning("keeping the saved plan's shard size %d (asked for %d)", saved.shard_size, config.shard_size)
     return saved
 
 
-def _run_facts(the_plan: plan.Plan, net: torch.nn.Module, transforms) -> dict:
+def _run_facts(the_plan: plan.Plan, net: torch.nn.Module, transforms, config: Config) -> dict:
     """What every shard's metadata and the manifest say about the run."""
     return {
         **the_plan.facts,
         "schema_version": SCHEMA_VERSION,
+        "partition": dict(config.partition),
         "model": "torchvision.models.resnet18",
         "classes": net.fc.out_features,
         "preprocessing": repr(transforms),
@@ -87,21 +89,24 @@ def _summary(records: dict[int, dict], total: int, started: float, images_this_r
 def run(config: Config) -> Summary:
     started = time.monotonic()
     plan.check_input(config.input_dir)
-    config.output_dir.mkdir(parents=True, exist_ok=True)
+    layout.check_layout(config.output_dir, config.partition)
+    out = config.run_dir  # OUTPUT, or its partition folder: shards, plan, records and manifest all live here
+    out.mkdir(parents=True, exist_ok=True)
     source = model.resolve_weights(config.weights, config.seed)
-    identity = {"input_dir": str(config.input_dir.resolve()), **source.facts()}
+    identity = {"input_dir": str(config.input_dir.resolve()), **source.facts(),
+                "schema_version": SCHEMA_VERSION, "logits": config.logits}
     the_plan = _open_plan(config, identity)
     shards = list(range(the_plan.shard_count))
-    records = commit.committed_records(config.output_dir, the_plan, shards)
+    records = commit.committed_records(out, the_plan, shards)
     pending = [shard for shard in shards if shard not in records]
 
     net = model.build_model(source)
     names = model.class_names(net.fc.out_features, config.labels)
     transforms = model.preprocessing_transforms()
-    run_facts = _run_facts(the_plan, net, transforms)
+    run_facts = _run_facts(the_plan, net, transforms, config)
     if not pending:
-        if not (config.output_dir / commit.MANIFEST_NAME).exists():
-            commit.write_manifest(config.output_dir, the_plan, records, run_facts)
+        if not (out / commit.MANIFEST_NAME).exists():
+            commit.write_manifest(out, the_plan, records, run_facts)
         _logger.info("nothing to do: all %d shards are committed", len(shards))
         return _summary(records, len(the_plan.paths), started, 0)
 
@@ -119,7 +124,7 @@ def run(config: Config) -> Summary:
     _logger.info("classifying %d images (%d shards) on %s with %d workers, %d already committed",
                  len(indices), len(pending), device, config.workers, len(the_plan.paths) - len(indices))
 
-    writer = ShardWriter(config.output_dir, the_plan, names, {**run_facts, "config": config.to_json()})
+    writer = ShardWriter(out, the_plan, names, {**run_facts, "config": config.to_json()}, config.logits)
     progress = Progress(len(the_plan.paths), len(the_plan.paths) - len(indices), config.progress, config.log_every_s)
     reading = Waiting()
     try:
@@ -130,7 +135,7 @@ def run(config: Config) -> Summary:
         writer.close()
         progress.close()
     records.update(writer.committed)
-    commit.write_manifest(config.output_dir, the_plan, records, run_facts)
+    commit.write_manifest(out, the_plan, records, run_facts)
     summary = _summary(records, len(the_plan.paths), started, progress.images_this_run)
     summary.steady_seconds = time.monotonic() - (classifier.first_launch or started)
     _logger.info("waited %.1f s of %.1f s for decoded batches from the workers", reading.seconds,

@@ -8,7 +8,7 @@ import pyarrow as pa
 from pipeline.commit import MANIFEST_NAME, commit_shard, committed_records, shard_name, write_manifest
 from pipeline.durable import durable_publish
 from pipeline.plan import Listing, new_plan
-from pipeline.writer import encode_shard, rows
+from pipeline.writer import encode_shard, rows, with_run_columns
 from tests.test_writer import NAMES, _scored
 
 
@@ -16,6 +16,7 @@ def _commit_all(out, plan):
     for shard in range(plan.shard_count):
         indices = list(plan.shard_range(shard))
         table = rows(_scored(indices, [None] * len(indices)), plan.paths, pa.array(NAMES))
+        table = with_run_columns(table, plan.run_id, plan.facts["created_at"])
         commit_shard(out, plan, shard, encode_shard(table, {}), {"ok": len(indices)})
 
 
@@ -48,7 +49,8 @@ def test_committed_shards_are_found_and_damaged_ones_removed(tmp_path):
 
 def test_a_visible_shard_with_the_wrong_row_count_is_redone(tmp_path):
     plan = new_plan(Listing([f"{i}.png" for i in range(4)], 0), 2, {})
-    short = rows(_scored([0], [None]), plan.paths, pa.array(NAMES))
+    short = with_run_columns(rows(_scored([0], [None]), plan.paths, pa.array(NAMES)), plan.run_id,
+                             plan.facts["created_at"])
     (tmp_path / shard_name(plan, 0)).write_bytes(encode_shard(short, {}))
     assert committed_records(tmp_path, plan, [0, 1]) == {}
     assert not (tmp_path / shard_name(plan, 0)).exists()
@@ -67,3 +69,22 @@ def test_manifest_lists_every_shard_with_its_checksum(tmp_path):
 
     for shard in manifest["shards"]:
         assert hashlib.sha256((tmp_path / shard["file"]).read_bytes()).hexdigest() == shard["sha256"]
+
+
+def test_manifest_carries_totals_versions_and_fingerprints_and_is_deterministic(tmp_path):
+    plan = new_plan(Listing([f"{i}.png" for i in range(5)], 0), 2, {})
+    _commit_all(tmp_path, plan)
+    records = committed_records(tmp_path, plan, list(range(plan.shard_count)))
+    facts = {**plan.facts, "schema_version": 2, "weights_sha256": "ab" * 32}
+
+    manifest = write_manifest(tmp_path, plan, records, facts)
+    first = (tmp_path / MANIFEST_NAME).read_bytes()
+    write_manifest(tmp_path, plan, dict(reversed(list(records.items()))), facts)  # as another rank would
+
+    assert (tmp_path / MANIFEST_NAME).read_bytes() == first
+    files = sorted(tmp_path.glob("part-*.parquet"))
+    assert manifest["files"] == len(files) == 3
+    assert manifest["bytes"] == sum(f.stat().st_size for f in files)
+    assert manifest["schema_version"] == 2 and manifest["model_fingerprint"] == "ab" * 32
+    assert manifest["input_fingerprint"] == hashlib.sha256(b"".join(f"{i}.png".encode() + b"\0" for i in range(5))
+                                                           ).hexdigest()

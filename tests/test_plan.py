@@ -1,10 +1,11 @@
 """Listing and planning: which files are work items, in which order, cut into which shards."""
 
+import hashlib
 import os
 
 import pytest
 
-from pipeline.plan import InputError, list_images, load_plan, new_plan, save_plan
+from pipeline.plan import InputError, Listing, list_images, load_facts, load_plan, new_plan, save_plan
 from tests.conftest import write_image
 
 
@@ -51,3 +52,14 @@ def test_plan_cuts_shards_and_round_trips_through_the_output_folder(tmp_path):
     assert not save_plan(other, out), "a second plan must never replace the first"
     assert load_plan(out).facts["run_id"] == plan.run_id
     assert [p.name for p in out.iterdir()] == ["_plan.arrow"], "no temporary file may be left behind"
+
+
+def test_plan_facts_carry_an_input_fingerprint_and_load_without_the_paths(tmp_path):
+    listing = Listing(["a/1.png", "b.jpg"], 0)
+    plan = new_plan(listing, shard_size=5, identity={"input_dir": "x"})
+    assert plan.facts["input_fingerprint"] == hashlib.sha256(b"a/1.png\0b.jpg\0").hexdigest()
+    assert plan.facts["input_fingerprint"] != new_plan(Listing(["a/1.png", "c.jpg"], 0), 5, {}).facts[
+        "input_fingerprint"]
+    assert load_facts(tmp_path) is None
+    save_plan(plan, tmp_path)
+    assert load_facts(tmp_path) == plan.facts

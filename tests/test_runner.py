@@ -117,3 +117,16 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_rows(tmp_path):
     assert resumed["path"] == whole["path"] and len(set(resumed["path"])) == 48
     assert resumed["status"] == whole["status"] and resumed["label"] == whole["label"]
     assert np.allclose(np.array(resumed["logits"]), np.array(whole["logits"]), atol=1e-5)
+
+
+def test_resuming_with_other_logits_is_refused_before_any_work(tmp_path):
+    from pipeline import runner
+    from pipeline.config import Config
+    from tests.test_layout import _save_run
+
+    make_corpus(tmp_path / "in", 1)
+    _save_run(tmp_path / "out", tmp_path / "in", finished=False)  # a float32 run of the same input and weights
+
+    with pytest.raises(runner.PlanMismatch, match="was started with logits='float32', not 'float16'"):
+        runner.run(Config(tmp_path / "in", tmp_path / "out", weights="random", workers=0, logits="float16"))
+    assert not list((tmp_path / "out").glob("part-*"))
