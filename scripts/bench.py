@@ -139,7 +139,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench"))
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--workers", type=int, default=16)
-    parser.add_argument("--only", default="job,small,cpu-decode,png,agree,plain,timm",
+    parser.add_argument("--only", default="job,agree,cpu-decode,png,small,plain,timm",
                         help="comma list of the runs to do")
     args = parser.parse_args()
     only = set(args.only.split(","))
@@ -148,7 +148,7 @@ def main() -> None:
     results: dict = {"argv": sys.argv, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     big, small = corpus(args.work, args.count), corpus(args.work, args.small)
     workers = ["--workers", str(args.workers)]
-    plan = [
+    runs = [
         ("job", lambda: job(big, args.work / "out-job", logs, "job", "--weights", "random", *workers)),
         ("small", lambda: job(small, args.work / "out-small", logs, "small", "--weights", "random", *workers)),
         ("cpu-decode", lambda: job(small, args.work / "out-cpu", logs, "cpu-decode", "--weights", "random",
@@ -156,17 +156,17 @@ def main() -> None:
         ("png", lambda: job(corpus(args.work, args.small // 4, "png,webp"), args.work / "out-png", logs, "png",
                             "--weights", "random", *workers)),
         ("agree", lambda: agreement(corpus(args.work, 1000), args.work, logs)),
-        ("plain", lambda: baseline("plain", small, logs, args.workers)),
-        ("timm", lambda: baseline("timm", small, logs, args.workers)),
+        ("plain", lambda: baseline("plain", big, logs, args.workers)),
+        ("timm", lambda: baseline("timm", big, logs, args.workers)),
     ]
-    for name, run in plan:
+    for name, run in runs:
         if name in only:
             for out in args.work.glob(f"out-{name}*"):
                 subprocess.run(["rm", "-rf", str(out)], check=True)
             results[name] = run()
             print(name, json.dumps(results[name]), flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
+            if args.json:  # after every run: a call cut short still leaves what it measured
+                args.json.write_text(json.dumps(results, indent=1))
     print(f"\n{'run':<11}{'images':>8}{'wall s':>8}{'img/s':>9}{'steady':>9}{'1st s':>7}{'rss MiB':>9}"
           f"{'tree MiB':>10}{'gpu GiB':>8}")
     for name, r in results.items():
