@@ -30,6 +30,7 @@ class InputError(Exception):
 class Listing:
     paths: list[str]  # image paths relative to the input folder, '/'-separated, sorted
     ignored: int  # files under the folder that are not images by extension
+    escaped: list[bool] | None = None  # per path: its name is not valid UTF-8, so it holds \xNN escapes
 
 
 @dataclass
@@ -37,6 +38,8 @@ class Plan:
     paths: pa.StringArray  # every work item in order; an Arrow array so forked workers share it
     shard_size: int
     facts: dict = field(default_factory=dict)  # run identity: input, weights, run id, created
+    escaped: pa.BooleanArray | None = None  # True where the file name is not valid UTF-8 (path holds \xNN
+    #   escapes: an error row, never read); None when no name needed escaping
 
     @property
     def run_id(self) -> str:
@@ -59,15 +62,32 @@ def check_input(input_dir: Path) -> None:
         raise InputError(f"input {input_dir} is not a folder: pass the folder that holds the images")
 
 
+def _utf8(relative: str) -> tuple[str, bool]:
+    """The path as valid UTF-8 text: undecodable bytes (surrogate escapes) become \\xNN; True when any did."""
+    try:
+        relative.encode("utf-8")
+        return relative, False
+    except UnicodeEncodeError:
+        return os.fsencode(relative).decode("utf-8", "backslashreplace"), True
+
+
+def _scandir(folder: Path):
+    try:
+        return os.scandir(folder)
+    except OSError as error:
+        raise InputError(f"cannot list folder {folder} ({error.strerror}): make it readable by this user, "
+                         "or move it out of the input folder") from error
+
+
 def list_images(input_dir: Path) -> Listing:
     """Every image-named regular file or symlink under input_dir, recursively, sorted."""
     check_input(input_dir)
-    paths: list[str] = []
+    paths: list[tuple[str, bool]] = []
     ignored = 0
     pending = [""]
     while pending:
         relative_dir = pending.pop()
-        with os.scandir(input_dir / relative_dir) as entries:
+        with _scandir(input_dir / relative_dir) as entries:
             for entry in entries:
                 relative = f"{relative_dir}/{entry.name}" if relative_dir else entry.name
                 if entry.is_dir(follow_symlinks=False):
@@ -75,7 +95,7 @@ def list_images(input_dir: Path) -> Listing:
                 elif not (entry.is_file(follow_symlinks=False) or entry.is_symlink()):
                     ignored += 1  # fifos, sockets, devices
                 elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
-                    paths.append(relative)
+                    paths.append(_utf8(relative))
                 else:
                     ignored += 1
     paths.sort()
@@ -85,7 +105,8 @@ def list_images(input_dir: Path) -> Listing:
             f"found 0 images under {input_dir} ({ignored} other files ignored); "
             f"image extensions are: {extensions} (any case)"
         )
-    return Listing(paths=paths, ignored=ignored)
+    escaped = [bad for _, bad in paths]
+    return Listing(paths=[path for path, _ in paths], ignored=ignored, escaped=escaped if any(escaped) else None)
 
 
 def input_fingerprint(paths: list[str]) -> str:
@@ -107,12 +128,14 @@ def new_plan(listing: Listing, shard_size: int, identity: dict) -> Plan:
         shard_size=shard_size,
         input_fingerprint=input_fingerprint(listing.paths),
     )
-    return Plan(paths=pa.array(listing.paths, type=pa.string()), shard_size=shard_size, facts=facts)
+    escaped = pa.array(listing.escaped, type=pa.bool_()) if listing.escaped else None
+    return Plan(paths=pa.array(listing.paths, type=pa.string()), shard_size=shard_size, facts=facts, escaped=escaped)
 
 
 def save_plan(plan: Plan, output_dir: Path) -> bool:
     """Publish the plan once; False when another process published one first (then load that)."""
-    table = pa.table({"path": plan.paths})
+    columns = {"path": plan.paths} if plan.escaped is None else {"path": plan.paths, "escaped": plan.escaped}
+    table = pa.table(columns)
     table = table.replace_schema_metadata({"pipeline.plan": json.dumps(plan.facts)})
     sink = pa.BufferOutputStream()
     with pa.ipc.new_file(sink, table.schema) as writer:
@@ -138,4 +161,5 @@ def load_plan(output_dir: Path) -> Plan | None:
         table = pa.ipc.open_file(source).read_all()
     facts = json.loads(table.schema.metadata[b"pipeline.plan"])
     paths = table.column("path").combine_chunks()
-    return Plan(paths=paths, shard_size=facts["shard_size"], facts=facts)
+    escaped = table.column("escaped").combine_chunks() if "escaped" in table.column_names else None
+    return Plan(paths=paths, shard_size=facts["shard_size"], facts=facts, escaped=escaped)

@@ -63,3 +63,50 @@ def test_plan_facts_carry_an_input_fingerprint_and_load_without_the_paths(tmp_pa
     assert load_facts(tmp_path) is None
     save_plan(plan, tmp_path)
     assert load_facts(tmp_path) == plan.facts
+
+
+def test_names_with_spaces_non_ascii_and_invalid_utf8_all_become_work_items(tmp_path):
+    write_image(tmp_path / "with space.jpg", 0)
+    write_image(tmp_path / "ünïcödé 写真.png", 1)
+    (tmp_path / "sub dir").mkdir()
+    write_image(tmp_path / "sub dir" / "ok.webp", 2)
+    os.mkdir(os.fsencode(tmp_path) + b"/latin-\xe9")
+    for raw in (b"caf\xe9.jpg", b"latin-\xe9/a.png"):  # Latin-1 bytes: not UTF-8
+        with open(os.fsencode(tmp_path) + b"/" + raw, "wb") as f:
+            f.write(b"\xff\xd8\xff")
+
+    listing = list_images(tmp_path)
+
+    expected = ["caf\\xe9.jpg", "latin-\\xe9/a.png", "sub dir/ok.webp", "with space.jpg", "ünïcödé 写真.png"]
+    assert listing.paths == expected
+    assert listing.escaped == [True, True, False, False, False]
+    plan = new_plan(listing, 2, {})
+    out = tmp_path.parent / "out"
+    out.mkdir()
+    assert save_plan(plan, out)
+    loaded = load_plan(out)
+    assert loaded.paths.to_pylist() == expected and loaded.escaped.to_pylist() == listing.escaped
+
+
+def test_a_plan_without_escaped_names_stores_no_escaped_column(tmp_path):
+    write_image(tmp_path / "in" / "a.png", 0)
+    plan = new_plan(list_images(tmp_path / "in"), 2, {})
+    assert plan.escaped is None
+    (tmp_path / "out").mkdir()
+    save_plan(plan, tmp_path / "out")
+    assert load_plan(tmp_path / "out").escaped is None
+
+
+def test_an_unreadable_folder_is_refused_with_the_fix(tmp_path, monkeypatch):
+    write_image(tmp_path / "a.png", 0)
+    (tmp_path / "locked").mkdir()
+    real_scandir = os.scandir
+
+    def scandir(path):  # this machine runs tests as root, for whom chmod 000 locks nothing
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied")
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(InputError, match=r"cannot list folder .*locked \(Permission denied\): make it readable"):
+        list_images(tmp_path)
