@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.config import DEFAULT_SHARD_SIZE, Config, default_workers
+from pipeline.config import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_SHARD_SIZE, Config, default_workers
 
 _logger = logging.getLogger("pipeline")
 
@@ -77,6 +77,9 @@ def main() -> None:
 @click.option("--logits", type=click.Choice(["float32", "float16", "none"]), default="float32", show_default=True,
               help="How the logits column keeps every class's logit: float32, float16 (rounded to half "
                    "precision, stored as float32, about half the bytes) or none (null; top-k columns stay).")
+@click.option("--max-image-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_IMAGE_PIXELS, show_default=True,
+              help="Larger images are refused from their header (an error row 'decompression bomb'); "
+                   "the default is where Pillow itself refuses (2 x PIL.Image.MAX_IMAGE_PIXELS).")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def classify(input_dir: Path, output_dir: Path, verbose: bool, **options) -> None:
     """Classify every image under INPUT into Parquet shards in OUTPUT.

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_SHARD_SIZE = 10_000
+DEFAULT_MAX_IMAGE_PIXELS = 178_956_970  # where Pillow refuses by default: 2 x Image.MAX_IMAGE_PIXELS (it only
+#   warns between 1x and 2x); a test keeps the two equal
 
 
 def default_workers() -> int:
@@ -39,6 +41,7 @@ class Config:
     partition: tuple[tuple[str, str], ...] = ()  # Hive partition (key, value) pairs: the run lives in
     #   OUTPUT/key=value/...; checked by pipeline.layout.parse_partition
     logits: str = "float32"  # 'float32', 'float16' (rounded to half precision) or 'none' (null logits column)
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # larger images are error rows, refused from the header
 
     @property
     def run_dir(self) -> Path:

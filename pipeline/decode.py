@@ -5,21 +5,34 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
+import numpy as np
+import pyarrow.compute as pc
 import torch
 from PIL import Image, ImageOps
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
+from pipeline import causes
+from pipeline.causes import Unusable
+from pipeline.config import DEFAULT_MAX_IMAGE_PIXELS
 from pipeline.plan import Plan
+from pipeline.read import failure, open_file, open_image, pixel_limit
 
 _logger = logging.getLogger(__name__)
 
 GPU_MAX_PIXELS = 24_000_000  # larger JPEGs are cheaper in Pillow's reduced-scale (draft) decode
 ORIENTATION_TAG = 0x0112  # EXIF orientation; nvJPEG ignores it, so rotated files go to Pillow
+BACKGROUND = (255, 255, 255)  # transparent pixels are composited onto white before classification
+MAX_ASPECT = 16  # a longer side beyond 16x the shorter is cut to its centre first: the crop never sees it
+PREFETCH = 4  # batches each worker decodes ahead
+CRASH_ON_ENV = "PIPELINE_TEST_CRASH_ON"  # test-only: comma-separated file names whose decoding kills the worker
 
 
 @dataclass(frozen=True)
@@ -41,17 +54,38 @@ class Preprocess:
         )
 
 
-def decode_bytes(data: bytes, preprocess: Preprocess) -> torch.Tensor:
-    """One encoded image as a uint8 CHW tensor: EXIF orientation, RGB, resize, center crop."""
-    with Image.open(io.BytesIO(data)) as image:
-        image = ImageOps.exif_transpose(image).convert("RGB")
+def decode_stream(file: BinaryIO, preprocess: Preprocess, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                  draft: bool = True) -> torch.Tensor:
+    """One encoded image as a uint8 CHW tensor (EXIF orientation, RGB, resize, center crop), or Unusable.
+
+    With draft, a large JPEG is decoded at the smallest of 1/2, 1/4, 1/8 scale that keeps both
+    sides at least the resize size, so the resize that follows still only shrinks.
+    """
+    with pixel_limit(max_pixels):
+        try:
+            image = open_image(file)
+            if draft:
+                image.draft(None, (preprocess.resize_size, preprocess.resize_size))
+            ImageOps.exif_transpose(image, in_place=True)  # decodes the pixels; no copy without an orientation
+        except Unusable:
+            raise
+        except Exception as error:
+            raise failure(error, max_pixels) from error
+        image = to_rgb(_limit_aspect(image))
     image = F.resize(image, [preprocess.resize_size], preprocess.interpolation, antialias=preprocess.antialias)
     image = F.center_crop(image, [preprocess.crop_size])
     return F.pil_to_tensor(image)
 
 
-def decode_file(path: Path, preprocess: Preprocess) -> torch.Tensor:
-    return decode_bytes(path.read_bytes(), preprocess)
+def decode_bytes(data: bytes, preprocess: Preprocess, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                 draft: bool = True) -> torch.Tensor:
+    return decode_stream(io.BytesIO(data), preprocess, max_pixels, draft)
+
+
+def decode_file(path: Path, preprocess: Preprocess, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                draft: bool = True) -> torch.Tensor:
+    with open_file(path) as file:
+        return decode_stream(file, preprocess, max_pixels, draft)
 
 
 def gpu_decodable(data: bytes) -> bool:
@@ -68,8 +102,54 @@ def gpu_decodable(data: bytes) -> bool:
 
 
 def describe_error(error: Exception) -> str:
-    """The error column's text for a file that could not be decoded."""
-    return f"{type(error).__name__}: {error}"
+    """The error column's text for a file that could not be decoded: '<cause>: <detail>' (pipeline/causes.py)."""
+    return causes.error_text(error)
+
+
+def _limit_aspect(image: Image.Image) -> Image.Image:
+    """The centre of an image whose longer side exceeds MAX_ASPECT times the shorter: all the center crop sees."""
+    width, height = image.size
+    if max(width, height) <= MAX_ASPECT * min(width, height):
+        return image
+    if width > height:
+        left = (width - MAX_ASPECT * height) // 2
+        return image.crop((left, 0, left + MAX_ASPECT * height, height))
+    top = (height - MAX_ASPECT * width) // 2
+    return image.crop((0, top, width, top + MAX_ASPECT * width))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB from any mode: 16/32-bit and float gray scaled to 8 bits, transparency composited onto BACKGROUND."""
+    if image.mode.startswith("I"):  # I;16, I;16B, ... and I: 0..65535 maps onto 0..255, rounded
+        pixels = np.asarray(image).clip(0, 65535).astype(np.uint32)  # in place from here: memory stays bounded
+        pixels *= 255
+        pixels += 32767
+        pixels //= 65535
+        image = Image.fromarray(pixels.astype(np.uint8), mode="L")
+    elif image.mode == "F":  # floats have no fixed range: the image's own min..max maps onto 0..255
+        pixels = np.nan_to_num(np.array(image, dtype=np.float32), copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+        low, high = pixels.min(), pixels.max()
+        pixels -= low
+        pixels *= np.float32(255 / (high - low) if high > low else 0)
+        image = Image.fromarray(np.rint(pixels, out=pixels).astype(np.uint8), mode="L")
+    if image.mode == "La":  # premultiplied (a TIFF can say so): Pillow converts it to nothing but LA
+        image = image.convert("LA")
+    try:
+        if image.has_transparency_data:
+            rgba = image if image.mode == "RGBA" else image.convert("RGBA")
+            rgb = Image.new("RGB", image.size, BACKGROUND)
+            rgb.paste(rgba, (0, 0), rgba)  # its alpha as the mask
+            return rgb
+        return image if image.mode == "RGB" else image.convert("RGB")
+    except ValueError as error:
+        raise Unusable(causes.MODE, f"{image.mode} ({error})") from None
+
+
+def _crash_if_asked(path: Path) -> None:
+    """Test-only: a real worker death (SIGSEGV) on the files named in PIPELINE_TEST_CRASH_ON, in DataLoader workers."""
+    names = os.environ.get(CRASH_ON_ENV)
+    if names and path.name in names.split(",") and get_worker_info() is not None:
+        os.kill(os.getpid(), signal.SIGSEGV)
 
 
 @dataclass
@@ -111,26 +191,42 @@ class ImageFiles(Dataset):
     """The items of a plan, by position in `indices`; each becomes one Sample."""
 
     def __init__(self, input_dir: Path, plan: Plan, indices: list[int], preprocess: Preprocess,
-                 gpu_jpeg: bool = False):
+                 gpu_jpeg: bool = False, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
         self.input_dir = input_dir
         self.paths = plan.paths  # Arrow: shared by forked workers without copy-on-write growth
+        self.escaped = plan.escaped if plan.escaped is not None and pc.any(plan.escaped).as_py() else None
         self.indices = indices
         self.preprocess = preprocess
         self.gpu_jpeg = gpu_jpeg  # hand plain JPEGs over undecoded, for the GPU
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, position: int) -> Sample:
         index = self.indices[position]
+        if self.escaped is not None and self.escaped[index].as_py():
+            return Sample(index, error=str(Unusable(causes.BAD_NAME, "rename it (the path shows its bytes as \\xNN)")))
         path = self.input_dir / self.paths[index].as_py()
+        _crash_if_asked(path)
         try:
-            data = path.read_bytes()
-            if self.gpu_jpeg and gpu_decodable(data):
+            with open_file(path) as file:
+                if not self.gpu_jpeg:
+                    return Sample(index, image=decode_stream(file, self.preprocess, self.max_pixels))
+                data = file.read()
+            if self._for_the_gpu(data):
                 return Sample(index, encoded=data)
-            return Sample(index, image=decode_bytes(data, self.preprocess))
+            return Sample(index, image=decode_bytes(data, self.preprocess, self.max_pixels))
         except Exception as error:  # any failure of one file is that file's error row
             return Sample(index, error=describe_error(error))
+
+    def _for_the_gpu(self, data: bytes) -> bool:
+        """gpu_decodable within the pixel limit; any doubt goes to Pillow, which names the cause."""
+        try:
+            with pixel_limit(self.max_pixels):
+                return gpu_decodable(data)
+        except Exception:
+            return False
 
 
 def collate(samples: list[Sample]) -> Batch:
@@ -153,7 +249,8 @@ def _quiet_worker(worker_id: int) -> None:
     torch.set_num_threads(1)  # workers decode with Pillow; torch threads would only contend
 
 
-def make_loader(dataset: ImageFiles, batch_size: int, workers: int, pin_memory: bool) -> DataLoader:
+def make_loader(dataset: Dataset, batch_size: int, workers: int, pin_memory: bool,
+                prefetch: int = PREFETCH) -> DataLoader:
     """Batches in plan order (no shuffling), pinned for asynchronous copies to the device."""
     return DataLoader(
         dataset,
@@ -163,6 +260,6 @@ def make_loader(dataset: ImageFiles, batch_size: int, workers: int, pin_memory: 
         collate_fn=collate,
         pin_memory=pin_memory,
         worker_init_fn=_quiet_worker if workers else None,
-        prefetch_factor=4 if workers else None,
+        prefetch_factor=prefetch if workers else None,
         persistent_workers=False,
     )

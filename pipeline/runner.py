@@ -115,7 +115,7 @@ def run(config: Config) -> Summary:
     gpu = device.type == "cuda"
     indices = [index for shard in pending for index in the_plan.shard_range(shard)]
     dataset = decode.ImageFiles(config.input_dir, the_plan, indices, preprocess,
-                                gpu_jpeg=gpu and config.decode == "auto")
+                                gpu_jpeg=gpu and config.decode == "auto", max_pixels=config.max_image_pixels)
     loader = decode.make_loader(dataset, config.batch_size, config.workers, pin_memory=gpu)
     batches = iter(loader)  # the workers start decoding while the model moves to the device
     dtype = infer.pick_precision(config.precision, device)

@@ -51,7 +51,7 @@ def test_every_image_is_one_row_with_the_reference_logits(tmp_path, weights_file
     rows = read_output(tmp_path / "out")
     assert rows["path"] == sorted(paths + ["d1/broken.jpg"])
     broken = rows["path"].index("d1/broken.jpg")
-    assert rows["status"][broken] == "error" and "Truncated" in rows["error"][broken]
+    assert rows["status"][broken] == "error" and rows["error"][broken] == "truncated image: Truncated File Read"
     assert rows["logits"][broken] is None and rows["label"][broken] is None
     ok = [i for i in range(len(rows["path"])) if i != broken]
     assert all(rows["status"][i] == "ok" and rows["error"][i] is None for i in ok)

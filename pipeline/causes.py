@@ -1,0 +1,60 @@
+"""Why a file has an error row: a small fixed set of plain causes, the `error` text, and counts by cause."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+# The `error` column reads "<cause>" or "<cause>: <detail>", the cause being one of these (README lists them).
+EMPTY = "empty file"
+TRUNCATED = "truncated image"
+CORRUPT = "corrupt image"
+HTML = "not an image (looks like HTML)"
+XML = "not an image (looks like XML)"
+TEXT = "not an image (looks like text)"
+UNSUPPORTED = "unsupported format"
+MODE = "unsupported image mode"
+BOMB = "decompression bomb"
+VANISHED = "file vanished"
+BROKEN_LINK = "broken symlink"
+UNREADABLE = "unreadable file"
+BAD_NAME = "file name is not valid UTF-8"
+CRASHED = "decoder crashed"
+OUT_OF_MEMORY = "out of memory"
+UNEXPECTED = "unexpected error"
+
+CAUSES = (EMPTY, TRUNCATED, CORRUPT, HTML, XML, TEXT, UNSUPPORTED, MODE, BOMB, VANISHED, BROKEN_LINK, UNREADABLE,
+          BAD_NAME, CRASHED, OUT_OF_MEMORY, UNEXPECTED)
+SEPARATOR = ": "
+
+
+class Unusable(Exception):
+    """A file that cannot be classified, for a known cause; str() is its `error` text."""
+
+    def __init__(self, cause: str, detail: str | None = None):
+        super().__init__(cause if detail is None else f"{cause}{SEPARATOR}{detail}")
+        self.cause = cause
+
+
+def error_text(error: BaseException) -> str:
+    """The `error` column of a file whose decoding raised error."""
+    if isinstance(error, Unusable):
+        return str(error)
+    if isinstance(error, MemoryError):
+        return OUT_OF_MEMORY
+    return f"{UNEXPECTED}{SEPARATOR}{type(error).__name__}: {error}"
+
+
+def cause_of(error: str) -> str:
+    """The cause part of an `error` text."""
+    return error.split(SEPARATOR, 1)[0]
+
+
+def error_counts(errors: pa.Array | pa.ChunkedArray) -> dict[str, int]:
+    """How many rows have each cause (error rows only), sorted by cause."""
+    errors = errors.drop_null()
+    if len(errors) == 0:
+        return {}
+    causes = pc.list_element(pc.split_pattern(errors, SEPARATOR, max_splits=1), 0)
+    counts = pc.value_counts(causes).flatten()
+    return dict(sorted(zip(counts[0].to_pylist(), counts[1].to_pylist(), strict=True)))
