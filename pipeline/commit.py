@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.causes import error_counts
 from pipeline.durable import durable_publish
 from pipeline.plan import Plan
 
@@ -30,7 +31,8 @@ def _record_path(output_dir: Path, plan: Plan, shard: int) -> Path:
     return output_dir / RECORDS_DIR / f"{shard_name(plan, shard)}.json"
 
 
-def _record(plan: Plan, shard: int, data: bytes, status_counts: dict[str, int]) -> dict:
+def _record(plan: Plan, shard: int, data: bytes, status_counts: dict[str, int],
+            error_counts: dict[str, int] | None) -> dict:
     return {
         "file": shard_name(plan, shard),
         "shard": shard,
@@ -38,13 +40,15 @@ def _record(plan: Plan, shard: int, data: bytes, status_counts: dict[str, int]) 
         "bytes": len(data),
         "sha256": hashlib.sha256(data).hexdigest(),
         "status_counts": status_counts,
+        "error_counts": error_counts or {},  # error rows by cause (pipeline/causes.py)
     }
 
 
-def commit_shard(output_dir: Path, plan: Plan, shard: int, data: bytes, status_counts: dict[str, int]) -> dict:
+def commit_shard(output_dir: Path, plan: Plan, shard: int, data: bytes, status_counts: dict[str, int],
+                 error_counts: dict[str, int] | None = None) -> dict:
     """Publish a shard (temp, fsync, rename, fsync folder), then its record; return the record."""
     durable_publish(output_dir / shard_name(plan, shard), data)
-    record = _record(plan, shard, data, status_counts)
+    record = _record(plan, shard, data, status_counts, error_counts)
     (output_dir / RECORDS_DIR).mkdir(exist_ok=True)
     durable_publish(_record_path(output_dir, plan, shard), json.dumps(record).encode())
     return record
@@ -60,7 +64,7 @@ def _recover_record(output_dir: Path, plan: Plan, shard: int) -> dict | None:
     path = output_dir / shard_name(plan, shard)
     try:
         data = path.read_bytes()
-        table = pq.read_table(pa.BufferReader(data), columns=["status"])
+        table = pq.read_table(pa.BufferReader(data), columns=["status", "error"])
     except Exception as error:
         _logger.warning("shard %s is unreadable (%s): it will be redone", path.name, error)
         return None
@@ -68,7 +72,7 @@ def _recover_record(output_dir: Path, plan: Plan, shard: int) -> dict | None:
         _logger.warning("shard %s has %d rows, not %d: it will be redone", path.name, table.num_rows,
                         len(plan.shard_range(shard)))
         return None
-    record = _record(plan, shard, data, status_counts(table["status"]))
+    record = _record(plan, shard, data, status_counts(table["status"]), error_counts(table["error"]))
     (output_dir / RECORDS_DIR).mkdir(exist_ok=True)
     durable_publish(_record_path(output_dir, plan, shard), json.dumps(record).encode())
     return record
@@ -98,8 +102,10 @@ def write_manifest(output_dir: Path, plan: Plan, records: dict[int, dict], run_f
     fingerprints of model and input, and the run's counts. Deterministic: the same records give the same bytes."""
     shards = [records[shard] for shard in range(plan.shard_count)]
     counts: Counter[str] = Counter()
+    causes: Counter[str] = Counter()
     for record in shards:
         counts.update(record["status_counts"])
+        causes.update(record.get("error_counts", {}))
     manifest = {
         "run": run_facts,
         "files": len(shards),
@@ -109,6 +115,7 @@ def write_manifest(output_dir: Path, plan: Plan, records: dict[int, dict], run_f
         "model_fingerprint": run_facts.get("weights_sha256"),  # sha256 of the weights file (of the seed: random)
         "input_fingerprint": plan.facts.get("input_fingerprint"),  # sha256 of the plan's paths (plan.py)
         "status_counts": dict(sorted(counts.items())),
+        "error_counts": dict(sorted(causes.items())),
         "shards": shards,
     }
     durable_publish(output_dir / MANIFEST_NAME, json.dumps(manifest, indent=1, sort_keys=True).encode())

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.causes import error_counts
 from pipeline.commit import commit_shard, status_counts
 from pipeline.config import default_workers
 from pipeline.plan import Plan
@@ -28,7 +29,7 @@ SCHEMA_VERSION = 2  # 1: the first nine columns; 2: added run_id and run_started
 ROW_FIELDS = [
     pa.field("path", pa.string(), nullable=False),  # relative to the input folder, '/'-separated
     pa.field("status", pa.string(), nullable=False),  # 'ok' or 'error'
-    pa.field("error", pa.string()),  # why the file could not be classified; null when ok
+    pa.field("error", pa.string()),  # "<cause>: <detail>" (pipeline/causes.py); null when ok
     pa.field("label", pa.int32()),  # argmax class index; null for errors
     pa.field("label_name", pa.string()),  # the class's name
     pa.field("prob", pa.float32()),  # softmax probability of label
@@ -182,7 +183,8 @@ class ShardWriter:
     def _encode_and_commit(self, shard: int, table: pa.Table) -> None:
         data = encode_shard(table, self.run_facts)
         counts = status_counts(table["status"])
-        self.committed[shard] = commit_shard(self.output_dir, self.plan, shard, data, counts)
+        self.committed[shard] = commit_shard(self.output_dir, self.plan, shard, data, counts,
+                                             error_counts(table["error"]))
 
     def wait(self) -> None:
         """Block until the shards in flight are committed; re-raise the first error."""

@@ -47,6 +47,19 @@ def test_committed_shards_are_found_and_damaged_ones_removed(tmp_path):
     assert records[1]["rows"] == 3 and (tmp_path / "_shards" / f"{shard_name(plan, 1)}.json").exists()
 
 
+def test_a_recovered_record_counts_errors_by_cause(tmp_path):
+    plan = new_plan(Listing([f"{i}.png" for i in range(3)], 0), 3, {})
+    table = rows(_scored([0, 1, 2], ["empty file", None, "decoder crashed: killed by SIGSEGV"]), plan.paths,
+                 pa.array(NAMES))
+    table = with_run_columns(table, plan.run_id, plan.facts["created_at"])
+    (tmp_path / shard_name(plan, 0)).write_bytes(encode_shard(table, {}))  # killed before its record was written
+
+    records = committed_records(tmp_path, plan, [0])
+
+    assert records[0]["status_counts"] == {"error": 2, "ok": 1}
+    assert records[0]["error_counts"] == {"decoder crashed": 1, "empty file": 1}
+
+
 def test_a_visible_shard_with_the_wrong_row_count_is_redone(tmp_path):
     plan = new_plan(Listing([f"{i}.png" for i in range(4)], 0), 2, {})
     short = with_run_columns(rows(_scored([0], [None]), plan.paths, pa.array(NAMES)), plan.run_id,
@@ -65,6 +78,7 @@ def test_manifest_lists_every_shard_with_its_checksum(tmp_path):
 
     manifest = json.loads((tmp_path / MANIFEST_NAME).read_text())
     assert manifest["rows"] == 5 and manifest["status_counts"] == {"ok": 5}
+    assert manifest["error_counts"] == {}
     assert [s["file"] for s in manifest["shards"]] == [shard_name(plan, s) for s in range(3)]
 
     for shard in manifest["shards"]:

@@ -61,6 +61,7 @@ def test_every_image_is_one_row_with_the_reference_logits(tmp_path, weights_file
     assert [rows["label"][i] for i in ok] == expected.argmax(axis=1).tolist()
     manifest = json.loads((tmp_path / "out" / "_SUCCESS").read_text())
     assert manifest["rows"] == 10 and manifest["status_counts"] == {"error": 1, "ok": 9}
+    assert manifest["error_counts"] == {"truncated image": 1}
     assert manifest["run"]["ignored_files"] == 1
 
 

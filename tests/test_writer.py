@@ -144,3 +144,12 @@ def test_logits_that_are_not_one_per_class_are_refused(tmp_path):
         writer.add(_scored([0, 1], [None, None]))
     writer.close()
     assert not list(tmp_path.glob("part-*"))
+
+
+def test_shard_records_count_errors_by_cause(tmp_path):
+    plan = _plan(4, 4)
+    writer = ShardWriter(tmp_path, plan, NAMES, {})
+    writer.add(_scored([0, 1, 2, 3], ["empty file", None, "truncated image: cut at 10 bytes", "empty file"]))
+    writer.close()
+    assert writer.committed[0]["status_counts"] == {"error": 3, "ok": 1}
+    assert writer.committed[0]["error_counts"] == {"empty file": 2, "truncated image": 1}
