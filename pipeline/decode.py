@@ -245,6 +245,22 @@ def collate(samples: list[Sample]) -> Batch:
     )
 
 
+def join(batches: list[Batch]) -> Batch:
+    """Consecutive batches as one (the guard regroups items it decoded one at a time)."""
+    starts = np.cumsum([0] + [len(batch.errors) for batch in batches[:-1]]).tolist()
+    images = [batch.images for batch in batches if len(batch.images)]
+    encoded = [batch.encoded for batch in batches if len(batch.encoded)]
+    return Batch(
+        indices=torch.cat([batch.indices for batch in batches]),
+        errors=[error for batch in batches for error in batch.errors],
+        images=torch.cat(images) if images else torch.empty((0, 3, 0, 0), dtype=torch.uint8),
+        decoded_at=[start + i for batch, start in zip(batches, starts, strict=True) for i in batch.decoded_at],
+        encoded=torch.cat(encoded) if encoded else torch.empty(0, dtype=torch.uint8),
+        encoded_sizes=[size for batch in batches for size in batch.encoded_sizes],
+        encoded_at=[start + i for batch, start in zip(batches, starts, strict=True) for i in batch.encoded_at],
+    )
+
+
 def _quiet_worker(worker_id: int) -> None:
     torch.set_num_threads(1)  # workers decode with Pillow; torch threads would only contend
 

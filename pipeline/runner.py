@@ -12,7 +12,7 @@ import pyarrow as pa
 import torch
 import torchvision
 
-from pipeline import commit, decode, infer, layout, model, plan
+from pipeline import commit, decode, guard, infer, layout, model, plan
 from pipeline.config import DEFAULT_SHARD_SIZE, Config
 from pipeline.gpu_decode import GpuDecoder
 from pipeline.progress import Progress, Waiting
@@ -116,8 +116,8 @@ def run(config: Config) -> Summary:
     indices = [index for shard in pending for index in the_plan.shard_range(shard)]
     dataset = decode.ImageFiles(config.input_dir, the_plan, indices, preprocess,
                                 gpu_jpeg=gpu and config.decode == "auto", max_pixels=config.max_image_pixels)
-    loader = decode.make_loader(dataset, config.batch_size, config.workers, pin_memory=gpu)
-    batches = iter(loader)  # the workers start decoding while the model moves to the device
+    batches = guard.batches(dataset, config.batch_size, config.workers, pin_memory=gpu)  # the workers start
+    #   decoding while the model moves to the device; a worker's death costs its file a row, not the run
     dtype = infer.pick_precision(config.precision, device)
     decoder = GpuDecoder(device, preprocess, config.batch_size, dtype) if gpu else None
     classifier = infer.Classifier(net, device, transforms.mean, transforms.std, config.topk, dtype, decoder)
