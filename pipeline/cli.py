@@ -9,7 +9,13 @@ from pathlib import Path
 
 import click
 
-from pipeline.config import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_SHARD_SIZE, Config, default_workers
+from pipeline.config import (
+    DEFAULT_MAX_ERROR_RATE,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    DEFAULT_SHARD_SIZE,
+    Config,
+    default_workers,
+)
 
 _logger = logging.getLogger("pipeline")
 
@@ -20,6 +26,7 @@ class Exit(IntEnum):
     OK = 0
     FAILED = 1  # an unexpected error: see the log
     USAGE = 2  # bad input, weights, labels or output folder: the message names the fix
+    TOO_MANY_ERRORS = 3  # every row is committed, but more failed than --max-error-rate allows
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -80,6 +87,9 @@ def main() -> None:
 @click.option("--max-image-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_IMAGE_PIXELS, show_default=True,
               help="Larger images are refused from their header (an error row 'decompression bomb'); "
                    "the default is where Pillow itself refuses (2 x PIL.Image.MAX_IMAGE_PIXELS).")
+@click.option("--max-error-rate", type=click.FloatRange(0, 1), default=DEFAULT_MAX_ERROR_RATE, show_default=True,
+              help=f"Largest share of error rows that still exits 0; above it every row is still committed but "
+                   f"the exit code is {Exit.TOO_MANY_ERRORS.value}.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def classify(input_dir: Path, output_dir: Path, verbose: bool, **options) -> None:
     """Classify every image under INPUT into Parquet shards in OUTPUT.
@@ -100,3 +110,30 @@ def classify(input_dir: Path, output_dir: Path, verbose: bool, **options) -> Non
         _logger.error("%s", error)
         sys.exit(Exit.USAGE)
     _logger.info("done: %s", summary.line())
+    for line in summary.error_lines():
+        _logger.warning("%s", line)
+    if summary.errors:
+        _logger.info("every failed file: python -m pipeline errors %s", config.run_dir)
+    if summary.too_many_errors:
+        _logger.error("%d of %d images failed (%.1f%%), more than --max-error-rate %g allows: every row is committed, "
+                      "exiting %d so that the scheduler raises an alert", summary.errors, summary.images,
+                      100 * summary.errors / summary.images, config.max_error_rate, Exit.TOO_MANY_ERRORS)
+        sys.exit(Exit.TOO_MANY_ERRORS)
+
+
+@main.command()
+@click.argument("output_dir", metavar="OUTPUT", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object a line: path, cause, error.")
+def errors(output_dir: Path, as_json: bool) -> None:
+    """Print every failed row of OUTPUT in plan order: path, a tab, the error (cause: detail).
+
+    With --partition, OUTPUT is the run's partition folder, e.g. OUTPUT/run_date=2024-05-01.
+    """
+    _setup_logging(False)
+    from pipeline import failures
+
+    try:
+        failures.print_failures(output_dir, as_json)
+    except failures.OutputError as error:
+        _logger.error("%s", error)
+        sys.exit(Exit.USAGE)

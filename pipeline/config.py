@@ -10,6 +10,7 @@ from pathlib import Path
 DEFAULT_SHARD_SIZE = 10_000
 DEFAULT_MAX_IMAGE_PIXELS = 178_956_970  # where Pillow refuses by default: 2 x Image.MAX_IMAGE_PIXELS (it only
 #   warns between 1x and 2x); a test keeps the two equal
+DEFAULT_MAX_ERROR_RATE = 0.05
 
 
 def default_workers() -> int:
@@ -42,6 +43,8 @@ class Config:
     #   OUTPUT/key=value/...; checked by pipeline.layout.parse_partition
     logits: str = "float32"  # 'float32', 'float16' (rounded to half precision) or 'none' (null logits column)
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # larger images are error rows, refused from the header
+    max_error_rate: float = DEFAULT_MAX_ERROR_RATE  # a higher share of error rows: every row is committed, but
+    #   the process exits 3 (TOO_MANY_ERRORS) so that cron and Slurm raise an alert
 
     @property
     def run_dir(self) -> Path:

@@ -5,14 +5,15 @@ from __future__ import annotations
 import logging
 import platform
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
 import PIL
 import pyarrow as pa
 import torch
 import torchvision
 
-from pipeline import commit, decode, guard, infer, layout, model, plan
+from pipeline import commit, decode, failures, guard, infer, layout, model, plan
 from pipeline.config import DEFAULT_SHARD_SIZE, Config
 from pipeline.gpu_decode import GpuDecoder
 from pipeline.progress import Progress, Waiting
@@ -34,6 +35,9 @@ class Summary:
     images_this_run: int  # images classified by this process (0 when resuming a finished output)
     steady_seconds: float = 0.0  # from the first batch on the device to the last commit
     gpu_peak_gib: float = 0.0  # peak memory the caching allocator held on the GPU
+    error_counts: dict[str, int] = field(default_factory=dict)  # error rows by cause, whole output
+    first_failures: list[tuple[str, str]] = field(default_factory=list)  # (path, error) of the first few
+    max_error_rate: float = 1.0
 
     def line(self) -> str:
         rate = self.images_this_run / max(self.seconds, 1e-9)
@@ -41,6 +45,19 @@ class Summary:
         return (f"images={self.images} ok={self.ok} errors={self.errors} seconds={self.seconds:.1f} "
                 f"img/s={rate:.1f} steady_img/s={steady:.1f} gpu_peak_gib={self.gpu_peak_gib:.2f} "
                 f"(this run: {self.images_this_run} images)")
+
+    @property
+    def too_many_errors(self) -> bool:
+        """More error rows than --max-error-rate allows, over the whole output."""
+        return self.errors > self.max_error_rate * self.images
+
+    def error_lines(self) -> list[str]:
+        """Counts by cause and the first failed files, for the log."""
+        if not self.errors:
+            return []
+        causes = ", ".join(f"{cause}: {count}" for cause, count in self.error_counts.items())
+        first = "; ".join(f"{path} ({error})" for path, error in self.first_failures)
+        return [f"errors by cause: {causes}", f"first failed files: {first}"]
 
 
 def _open_plan(config: Config, identity: dict) -> plan.Plan:
@@ -80,10 +97,16 @@ def _run_facts(the_plan: plan.Plan, net: torch.nn.Module, transforms, config: Co
     }
 
 
-def _summary(records: dict[int, dict], total: int, started: float, images_this_run: int) -> Summary:
+def _summary(records: dict[int, dict], total: int, started: float, images_this_run: int, config: Config) -> Summary:
     ok = sum(record["status_counts"].get("ok", 0) for record in records.values())
     errors = sum(record["status_counts"].get("error", 0) for record in records.values())
-    return Summary(total, ok, errors, time.monotonic() - started, images_this_run)
+    causes: Counter[str] = Counter()
+    for record in records.values():
+        causes.update(record.get("error_counts", {}))
+    first = failures.first_failures(config.run_dir) if errors else []
+    return Summary(total, ok, errors, time.monotonic() - started, images_this_run,
+                   error_counts=dict(sorted(causes.items())), first_failures=first,
+                   max_error_rate=config.max_error_rate)
 
 
 def run(config: Config) -> Summary:
@@ -108,7 +131,7 @@ def run(config: Config) -> Summary:
         if not (out / commit.MANIFEST_NAME).exists():
             commit.write_manifest(out, the_plan, records, run_facts)
         _logger.info("nothing to do: all %d shards are committed", len(shards))
-        return _summary(records, len(the_plan.paths), started, 0)
+        return _summary(records, len(the_plan.paths), started, 0, config)
 
     device = infer.pick_device(config.device)
     preprocess = decode.Preprocess.from_transforms(transforms)
@@ -136,7 +159,7 @@ def run(config: Config) -> Summary:
         progress.close()
     records.update(writer.committed)
     commit.write_manifest(out, the_plan, records, run_facts)
-    summary = _summary(records, len(the_plan.paths), started, progress.images_this_run)
+    summary = _summary(records, len(the_plan.paths), started, progress.images_this_run, config)
     summary.steady_seconds = time.monotonic() - (classifier.first_launch or started)
     _logger.info("waited %.1f s of %.1f s for decoded batches from the workers", reading.seconds,
                  summary.steady_seconds)

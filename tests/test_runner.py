@@ -46,7 +46,8 @@ def test_every_image_is_one_row_with_the_reference_logits(tmp_path, weights_file
     (tmp_path / "in" / "d1" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
 
     run_pipeline("classify", str(tmp_path / "in"), str(tmp_path / "out"), "--weights", str(weights_file),
-                 "--device", "cpu", "--batch-size", "4", "--shard-size", "5", "--workers", "2")
+                 "--device", "cpu", "--batch-size", "4", "--shard-size", "5", "--workers", "2",
+                 "--max-error-rate", "0.5")
 
     rows = read_output(tmp_path / "out")
     assert rows["path"] == sorted(paths + ["d1/broken.jpg"])

@@ -1,0 +1,63 @@
+"""Reading failed rows back from real Parquet shards: all of them in plan order, as text or JSON lines."""
+
+import io
+import json
+
+import pyarrow as pa
+import pytest
+
+from pipeline.commit import commit_shard
+from pipeline.failures import OutputError, failed_rows, first_failures, print_failures
+from pipeline.plan import Listing, new_plan, save_plan
+from pipeline.writer import encode_shard, rows, with_run_columns
+from tests.test_writer import NAMES, _scored
+
+PATHS = ["a.jpg", "b/new\nline.png", "c.png", "d é.webp", "e.gif", "f.tif", "g.bmp"]
+ERRORS = [None, "empty file", None, "not an image (looks like HTML)", None, None,
+          "decoder crashed: killed by SIGSEGV"]
+
+
+def _output(out):
+    plan = new_plan(Listing(PATHS, 0), 3, {})
+    save_plan(plan, out)
+    for shard in range(plan.shard_count):
+        indices = list(plan.shard_range(shard))
+        table = rows(_scored(indices, [ERRORS[i] for i in indices]), plan.paths, pa.array(NAMES))
+        table = with_run_columns(table, plan.run_id, plan.facts["created_at"])
+        commit_shard(out, plan, shard, encode_shard(table, {}), {})
+    (out / ".part-00009-x.parquet.123.tmp").write_bytes(b"a leftover temporary file is never read")
+    return plan
+
+
+def test_failed_rows_are_read_back_in_plan_order(tmp_path):
+    _output(tmp_path)
+    expected = [(PATHS[i], ERRORS[i]) for i in (1, 3, 6)]
+    assert list(failed_rows(tmp_path)) == expected
+    assert first_failures(tmp_path, limit=2) == expected[:2]
+
+
+def test_text_and_json_lines(tmp_path):
+    _output(tmp_path)
+    text, jsonl = io.StringIO(), io.StringIO()
+
+    assert print_failures(tmp_path, as_json=False, out=text) == 3
+    print_failures(tmp_path, as_json=True, out=jsonl)
+
+    assert text.getvalue().splitlines() == [
+        "b/new\\nline.png\tempty file",  # a newline in a name cannot split a line
+        "d é.webp\tnot an image (looks like HTML)",
+        "g.bmp\tdecoder crashed: killed by SIGSEGV",
+    ]
+    records = [json.loads(line) for line in jsonl.getvalue().splitlines()]
+    assert records[0] == {"path": "b/new\nline.png", "cause": "empty file", "error": "empty file"}
+    assert records[2] == {"path": "g.bmp", "cause": "decoder crashed", "error": "decoder crashed: killed by SIGSEGV"}
+
+
+def test_a_folder_that_is_no_output_is_refused_with_the_fix(tmp_path):
+    with pytest.raises(OutputError, match="has no _plan.arrow.*pass the OUTPUT folder"):
+        list(failed_rows(tmp_path))
+    (tmp_path / "run_date=2024-05-01").mkdir()
+    _output(tmp_path / "run_date=2024-05-01")
+    with pytest.raises(OutputError, match=r"holds partitioned runs: pass one run's folder, for example .*run_date="):
+        list(failed_rows(tmp_path))
+    assert len(list(failed_rows(tmp_path / "run_date=2024-05-01"))) == 3

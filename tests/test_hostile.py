@@ -1,0 +1,153 @@
+"""The whole job on hostile and odd input, in real processes: one honest row per file, a real worker death
+survived, good rows exactly as without the bad files, the error-rate exit code, and `pipeline errors`."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pyarrow.dataset as ds
+import pytest
+from PIL import Image
+
+from tests.conftest import make_corpus, run_pipeline, write_image
+from tests.test_decode import encoded, photo, png_bomb
+
+ACCEPTED = "accepted: JPEG, PNG, WEBP, BMP, GIF, TIFF"
+
+
+def _odd_images(root):
+    """Valid but unusual images: each must be classified."""
+    write_image(root / "odd/cmyk.jpg", 1, mode="CMYK")
+    write_image(root / "odd/gray.png", 2, mode="L")
+    write_image(root / "odd/gray alpha.png", 3, mode="LA")
+    write_image(root / "odd/palette.gif", 4, mode="P")
+    write_image(root / "odd/palette-transparent.png", 5, mode="P", transparency=0)
+    write_image(root / "odd/rgba.png", 6, mode="RGBA")
+    ramp = (np.arange(90 * 70, dtype=np.int64).reshape(70, 90) * 10).astype(np.uint16)
+    Image.fromarray(ramp).save(root / "odd/sixteen.png")
+    Image.fromarray(ramp.astype(np.int32)).save(root / "odd/int32.tif")
+    Image.fromarray(ramp.astype(np.float32) / 1000).save(root / "odd/float.tif")
+    write_image(root / "odd/bilevel.bmp", 7, mode="1")
+    frames = [Image.new("RGB", (64, 48), color) for color in ("red", "green", "blue")]
+    for suffix in ("gif", "webp"):
+        frames[0].save(root / f"odd/animated.{suffix}", save_all=True, append_images=frames[1:], duration=50)
+    Image.new("RGB", (1, 1), (10, 200, 30)).save(root / "odd/one-pixel.png")
+    write_image(root / "odd/panorama.png", 8, size=(2400, 30))
+    rotated = Image.new("RGB", (120, 80), "blue")
+    exif = rotated.getexif()
+    exif[0x0112] = 6
+    rotated.save(root / "odd/rotated.jpg", exif=exif)
+    (root / "odd/png-content.jpg").write_bytes(encoded(Image.new("RGB", (50, 40), "teal"), "PNG"))
+    photo(root / "odd/big.jpg", (3000, 2000))
+    write_image(root / "names/with space.jpg", 9)
+    write_image(root / "names/ünïcödé 写真.webp", 10)
+
+
+def _bad_files(root):
+    """Files that cannot be classified: relative path -> the exact error (or its start, ending in '...')."""
+    (root / "bad").mkdir()
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (120, 160, 3), dtype=np.uint8))
+    jpeg = encoded(noise, "JPEG")
+    png = bytearray(encoded(noise, "PNG"))
+    png[60] ^= 0xFF
+    (root / "bad/empty.jpg").write_bytes(b"")
+    (root / "bad/half.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (root / "bad/page.jpg").write_bytes(b"<!DOCTYPE html>\n<html><body>502 Bad Gateway</body></html>\n")
+    (root / "bad/bomb.png").write_bytes(png_bomb(40_000, 40_000))
+    (root / "bad/portable.png").write_bytes(encoded(noise, "PPM"))
+    (root / "bad/flipped.png").write_bytes(bytes(png))
+    os.symlink(root / "bad/gone.jpg", root / "bad/dangling.jpg")
+    os.symlink(root / "odd", root / "bad/folder.jpg")
+    write_image(root / "bad/crash.png", 11)  # a valid image whose decoding kills the worker (test hook)
+    with open(os.fsencode(root) + b"/bad/caf\xe9.jpg", "wb") as f:  # a Latin-1 name
+        f.write(jpeg)
+    return {
+        "bad/empty.jpg": "empty file",
+        "bad/half.jpg": "truncated image: image file is truncated...",
+        "bad/page.jpg": "not an image (looks like HTML)",
+        "bad/bomb.png": "decompression bomb: 1600000000 pixels > limit 178956970",
+        "bad/portable.png": f"unsupported format: the content looks like PPM; {ACCEPTED}",
+        "bad/flipped.png": "corrupt image: OSError: broken data stream when reading image file",
+        "bad/dangling.jpg": f"broken symlink: its target {root / 'bad/gone.jpg'} does not exist",
+        "bad/folder.jpg": "unreadable file: a folder",
+        "bad/crash.png": "decoder crashed: killed by SIGSEGV",
+        "bad/caf\\xe9.jpg": "file name is not valid UTF-8: rename it (the path shows its bytes as \\xNN)",
+    }
+
+
+def _matches(error, expected):
+    return error.startswith(expected[:-3]) if expected.endswith("...") else error == expected
+
+
+def read_output(out):
+    return ds.dataset(str(out), format="parquet").to_table().sort_by("path").to_pydict()
+
+
+@pytest.mark.slow
+def test_hostile_input_gives_one_honest_row_per_file_and_the_error_rate_exit(tmp_path):
+    root, clean = tmp_path / "in", tmp_path / "clean"
+    good = [f"good/{path}" for path in make_corpus(root / "good", 6)]
+    _odd_images(root)
+    bad = _bad_files(root)
+    (root / "notes.txt").write_text("not an image")
+    ok_paths = sorted(good + [str(p.relative_to(root)) for p in root.glob("[on]*/*") if p.is_file()])
+    for path in ok_paths:
+        (clean / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / path, clean / path)
+    # batch size 1: CPU kernels are not batch-invariant (~2e-6), and the good rows must be bitwise identical
+    common = ["--weights", "random", "--device", "cpu", "--batch-size", "1", "--shard-size", "8", "--workers", "2"]
+
+    result = run_pipeline("classify", str(root), str(tmp_path / "out"), *common, check=False,
+                          env={"PIPELINE_TEST_CRASH_ON": "crash.png"})
+    run_pipeline("classify", str(clean), str(tmp_path / "clean-out"), *common)
+
+    # one row per file: the odd ones classified, each bad one an error with its exact cause
+    rows = read_output(tmp_path / "out")
+    assert rows["path"] == sorted(ok_paths + list(bad)) and len(ok_paths) == 25
+    by_path = {path: i for i, path in enumerate(rows["path"])}
+    for path in ok_paths:
+        i = by_path[path]
+        assert rows["status"][i] == "ok" and rows["error"][i] is None and len(rows["logits"][i]) == 1000, path
+    for path, expected in bad.items():
+        i = by_path[path]
+        assert rows["status"][i] == "error" and _matches(rows["error"][i], expected), (path, rows["error"][i])
+        assert rows["logits"][i] is None and rows["label"][i] is None and rows["prob"][i] is None
+
+    # the good rows are exactly those of a run that never saw the bad files
+    clean_rows = read_output(tmp_path / "clean-out")
+    assert clean_rows["path"] == ok_paths
+    ours = np.array([rows["logits"][by_path[path]] for path in ok_paths], dtype=np.float32)
+    np.testing.assert_array_equal(ours, np.array(clean_rows["logits"], dtype=np.float32))
+    assert [rows["label"][by_path[path]] for path in ok_paths] == clean_rows["label"]
+
+    # 10 errors in 35 rows is over the default 5%: all committed, exit 3, and the log says what failed
+    assert result.returncode == 3, result.stderr
+    assert "10 of 35 images failed (28.6%), more than --max-error-rate 0.05 allows" in result.stderr
+    assert ("first failed files: bad/bomb.png (decompression bomb: 1600000000 pixels > limit 178956970); "
+            "bad/caf\\xe9.jpg (file name is not valid UTF-8") in result.stderr
+    assert "a decode worker died (killed by SIGSEGV)" in result.stderr
+    manifest = json.loads((tmp_path / "out" / "_SUCCESS").read_text())
+    assert manifest["status_counts"] == {"error": 10, "ok": 25}
+    assert manifest["error_counts"] == {
+        "broken symlink": 1, "corrupt image": 1, "decoder crashed": 1, "decompression bomb": 1, "empty file": 1,
+        "file name is not valid UTF-8": 1, "not an image (looks like HTML)": 1, "truncated image": 1,
+        "unreadable file": 1, "unsupported format": 1,
+    }
+    assert manifest["run"]["ignored_files"] == 1
+
+    # a higher gate accepts the same finished output, untouched
+    accepted = run_pipeline("classify", str(root), str(tmp_path / "out"), *common, "--max-error-rate", "0.3")
+    assert "nothing to do" in accepted.stderr
+
+    # every failed row, as text and as JSON lines
+    text = run_pipeline("errors", str(tmp_path / "out")).stdout.splitlines()
+    assert [line.split("\t")[0] for line in text] == sorted(bad)
+    assert all(_matches(line.split("\t")[1], bad[line.split("\t")[0]]) for line in text)
+    records = [json.loads(line) for line in run_pipeline("errors", str(tmp_path / "out"), "--json").stdout.splitlines()]
+    assert {r["path"]: r["cause"] for r in records} == {p: e.split(": ")[0].removesuffix("...") for p, e in bad.items()}
+
+
+def test_errors_on_a_folder_that_is_no_output_exits_2(tmp_path):
+    result = run_pipeline("errors", str(tmp_path), check=False)
+    assert result.returncode == 2 and "is not the output of a classify run" in result.stderr
