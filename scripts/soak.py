@@ -2,11 +2,11 @@
 
     python scripts/soak.py [--kills 100] [--images 24] [--seed 0] [--report docs/reliability.md]
 
-Each kill is aimed at a test pause point of pipeline/faults.py (inside a shard, record, manifest or plan write: mid
-write, before fsync, before rename, before the folder fsync) or at a random moment of the run; the killed run is
-resumed (and may be killed again) until its output is finished, then checked against an uninterrupted run and by
-`verify`, while a poller reads every visible shard throughout. Exits 1 when any row is lost, duplicated or differs,
-or any visible shard was unreadable.
+Each kill is aimed at a test pause point of pipeline/faults.py (inside a shard, record, manifest or plan write:
+mid write, before fsync, before rename, before the folder fsync; each point once first, then drawn at random) or at
+a random moment of the run; the killed run is resumed (and may be killed again) until its output is finished, then
+checked against an uninterrupted run and by `verify`, while a poller reads every visible shard throughout. Exits 1
+when any row is lost, duplicated or differs, or any visible shard was unreadable.
 """
 
 from __future__ import annotations
@@ -102,7 +102,9 @@ def main() -> int:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="soak-") as work:
         make_corpus(Path(work) / "in", args.images, size=(40, 32))
-        figures = kill_loop(Path(work) / "in", Path(work), OPTIONS, kills=args.kills, seed=args.seed)
+        aimed_first = [point for point in POINTS if point != "random"]  # every point at least once, then at random
+        figures = kill_loop(Path(work) / "in", Path(work), OPTIONS, kills=args.kills, seed=args.seed,
+                            schedule=aimed_first)
     wall_s = time.monotonic() - started
     command = shlex.join(["python", "scripts/soak.py", *sys.argv[1:]])
     args.report.parent.mkdir(parents=True, exist_ok=True)

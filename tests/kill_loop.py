@@ -134,7 +134,8 @@ def one_output(input_dir: Path, output_dir: Path, options: list[str], reference:
                 time.sleep(rng.uniform(0, run_s))
                 aimed = process.poll() is None
             elif point is not None:
-                aimed = _wait_for_pause(process, log, point, rng.randint(1, max(1, min(3, remaining))))
+                once = point.startswith(("plan-", "manifest-"))  # written once per run; shards and records each
+                aimed = _wait_for_pause(process, log, point, 1 if once else rng.randint(1, max(1, min(3, remaining))))
             else:
                 aimed = False
             if aimed:
