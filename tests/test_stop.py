@@ -129,9 +129,10 @@ def test_sigint_and_sigusr1_stop_the_run_too(tmp_path, number, moment):
     if moment == "planning":
         process = start(tmp_path / "in", out, log, {"PIPELINE_TEST_PAUSE": "plan-write", "PIPELINE_TEST_PAUSE_S": "20"})
         wait_for(lambda: b"test pause at plan-write" in log.read_bytes(), process, "planning")
-    else:
-        process = start(tmp_path / "in", out, log)
-        wait_for(lambda: any(out.glob("*.parquet")), process, "its first commit")
+    else:  # held in its first commit, so that the signal surely lands mid-run
+        pause = {"PIPELINE_TEST_PAUSE": "shard-rename", "PIPELINE_TEST_PAUSE_S": "1"}
+        process = start(tmp_path / "in", out, log, pause)
+        wait_for(lambda: b"test pause at shard-rename" in log.read_bytes(), process, "its first commit")
 
     seconds = signal_group_and_time_exit(process, number)
 
@@ -141,6 +142,6 @@ def test_sigint_and_sigusr1_stop_the_run_too(tmp_path, number, moment):
     assert seconds < 30
     assert group_members(process.pid) == []
     assert not list(out.rglob(".*.tmp")) and not (out / "_SUCCESS").exists()
-    assert all(table.num_rows == 8 for table in visible_tables(out).values())
+    assert all(table.num_rows == 8 for table in visible_tables(out).values()) and len(visible_tables(out)) < 3
     if moment == "planning":
         assert not (out / "_plan.arrow").exists() and seconds < 5, "the 20 s pause was cut short"
