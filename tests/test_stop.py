@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pyarrow.dataset as ds
 import pytest
-from torch.utils.data import DataLoader
+import torch
+from torch.utils.data import DataLoader, Dataset
 
-from pipeline import decode, stop
+from pipeline import decode, guard, stop
+from pipeline.decode import Sample
 from pipeline.verify import Check, verify_output
 from tests.conftest import REPO, make_corpus, run_pipeline
 
@@ -52,6 +54,34 @@ def test_a_signal_before_classification_ends_the_run_at_once():
             os.kill(os.getpid(), signal.SIGUSR1)
             time.sleep(5)
     assert time.monotonic() - started < 1
+
+
+class Items(Dataset):
+    """What guard.batches takes: items with plan indices, each a decoded Sample."""
+
+    def __init__(self, count):
+        self.indices = list(range(count))
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, position):
+        return Sample(position, image=torch.zeros((3, 2, 2), dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("ending", ["failure", "signal"])
+def test_workers_started_before_the_first_batch_end_with_the_run(ending):
+    """The runner starts the workers while the model loads: a failure or a signal then must not orphan them."""
+    with pytest.raises((RuntimeError, stop.Interrupted)):
+        with stop.on_signals() as stopping:
+            stopping.batches(guard.batches(Items(50), 2, 2, pin_memory=False))  # the workers start now
+            assert len(multiprocessing.active_children()) == 2
+            if ending == "signal":
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)  # cut short by the signal
+            raise RuntimeError("the disk failed while the model was loading")
+
+    assert multiprocessing.active_children() == []
 
 
 def group_members(pgid: int) -> list[int]:
