@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 # Where a kill is aimed: the test pause points of pipeline/faults.py, or a random moment of the run.
 POINTS = ("plan-write", "plan-rename", "shard-write", "shard-fsync", "shard-rename", "shard-dir-fsync",
           "record-write", "record-rename", "manifest-write", "manifest-rename", "random")
+RUN_COLUMNS = ["run_id", "run_started_at"]  # differ between outputs by design
 PAUSE_S = 0.3  # how long a run sleeps at the point a kill is aimed at: the kill lands inside that step
 
 
@@ -98,9 +99,12 @@ def compare(output_dir: Path, reference: pa.Table, figures: Figures) -> None:
     figures.rows_expected += len(expected)
     figures.rows_lost += sum(1 for path in expected if path not in paths)
     figures.rows_duplicated += sum(count - 1 for count in paths.values())
-    if table.num_rows == reference.num_rows:
-        mine, theirs = table.sort_by("path").to_pylist(), reference.sort_by("path").to_pylist()
+    if table.num_rows == reference.num_rows:  # every value but which run wrote it, row by row
+        mine, theirs = (t.sort_by("path").drop_columns(RUN_COLUMNS).to_pylist() for t in (table, reference))
         figures.rows_differing += sum(a != b for a, b in zip(mine, theirs, strict=True))
+    for column in RUN_COLUMNS:  # one run, however often resumed
+        if len(table.column(column).unique()) != 1:
+            figures.problems.append(f"{output_dir.name}: {column} differs between its rows")
     report = verify_output(output_dir)
     if report.exit_code != Check.OK:
         figures.verify_failures += 1

@@ -11,7 +11,7 @@ from pipeline.commit import MANIFEST_NAME, committed_records, shard_name, write_
 from pipeline.durable import temp_name
 from pipeline.plan import Listing, new_plan, save_plan
 from pipeline.verify import Check, verify_output
-from pipeline.writer import encode_shard, rows
+from pipeline.writer import encode_shard, rows, with_run_columns
 from tests.conftest import make_corpus, run_pipeline
 from tests.test_commit import _commit_all
 from tests.test_writer import NAMES, _scored
@@ -64,14 +64,17 @@ def damage_truncated(out, plan):
     path.write_bytes(path.read_bytes()[:-200])
 
 
+def shard_bytes(plan, shard, run_facts):
+    table = rows(_scored(list(plan.shard_range(shard)), [None] * 3), plan.paths, pa.array(NAMES))
+    return encode_shard(with_run_columns(table, plan.run_id, plan.facts["created_at"]), run_facts)
+
+
 def damage_other_rows(out, plan):  # a valid shard holding shard 0's rows under shard 1's name
-    table = rows(_scored(list(plan.shard_range(0)), [None] * 3), plan.paths, pa.array(NAMES))
-    (out / shard_name(plan, 1)).write_bytes(encode_shard(table, {}))
+    (out / shard_name(plan, 1)).write_bytes(shard_bytes(plan, 0, {}))
 
 
 def damage_checksum(out, plan):  # the right rows, other values: only the sha256 can tell
-    table = rows(_scored(list(plan.shard_range(1)), [None] * 3), plan.paths, pa.array(NAMES))
-    (out / shard_name(plan, 1)).write_bytes(encode_shard(table, {"another": "run"}))
+    (out / shard_name(plan, 1)).write_bytes(shard_bytes(plan, 1, {"another": "run"}))
 
 
 def damage_extra_file(out, plan):
