@@ -15,6 +15,7 @@ import argparse
 import os
 import platform
 import shlex
+import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +40,14 @@ def machine() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "?")
     return (f"{platform.node()}: {os.cpu_count()} cores ({cpu}), {platform.system()} {platform.release()}, "
             f"Python {platform.python_version()}, torch {torch.__version__}, pyarrow {pa.__version__}")
+
+
+def code_version() -> str:
+    """The commit the soak ran, and whether the working tree differed from it."""
+    git = ["git", "-C", str(REPO)]
+    commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run([*git, "status", "--porcelain", "--", "pipeline"], capture_output=True, text=True).stdout
+    return f"{commit or 'unknown'}{' with uncommitted changes to pipeline/' if dirty.strip() else ''}"
 
 
 def report(figures: Figures, wall_s: float, command: str, images: int) -> str:
@@ -79,6 +88,7 @@ decoding, inference, anywhere).
 | wall time | {wall_s / 60:.1f} min |
 | date | {datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")} |
 | machine | {machine()} |
+| code | `{code_version()}` |
 | command | `{command}` |
 | run options | `{" ".join(OPTIONS)}` |
 
