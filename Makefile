@@ -8,7 +8,7 @@ OUTPUT ?= output
 WEIGHTS ?= imagenet
 ARGS ?=
 
-.PHONY: help install classify test test-fast lint bench clean
+.PHONY: help install classify test test-fast lint bench soak clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -32,6 +32,9 @@ test-fast: install  ## the tests not marked slow
 
 lint: install  ## ruff
 	$(PY) -m ruff check pipeline tests scripts
+
+soak: install  ## SIGKILL real runs 100 times, resume each, write the figures into docs/reliability.md
+	$(PY) scripts/soak.py --kills 100
 
 clean:  ## remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache

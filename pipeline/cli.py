@@ -27,6 +27,9 @@ class Exit(IntEnum):
     FAILED = 1  # an unexpected error: see the log
     USAGE = 2  # bad input, weights, labels or output folder: the message names the fix
     TOO_MANY_ERRORS = 3  # every row is committed, but more failed than --max-error-rate allows
+    LOCKED = 73  # another run is writing this OUTPUT (EX_CANTCREAT): the message names it
+    WRITE_FAILED = 74  # disk full or I/O error writing OUTPUT (EX_IOERR): nothing partial visible; fix, rerun
+    INTERRUPTED = 75  # SIGTERM, SIGINT or SIGUSR1 (EX_TEMPFAIL): committed shards kept; rerun the same command
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -99,16 +102,28 @@ def classify(input_dir: Path, output_dir: Path, verbose: bool, **options) -> Non
     """
     _setup_logging(verbose)
     from pipeline import runner  # imports torch: keep --help fast
+    from pipeline.durable import WriteError
     from pipeline.layout import LayoutError
+    from pipeline.lock import Locked, LockError
     from pipeline.model import WeightsError
     from pipeline.plan import InputError
+    from pipeline.stop import Interrupted
 
     config = Config(input_dir=input_dir, output_dir=output_dir, **options)
     try:
         summary = runner.run(config)
-    except (InputError, WeightsError, LayoutError, runner.PlanMismatch) as error:
+    except (InputError, WeightsError, LayoutError, runner.PlanMismatch, LockError) as error:
         _logger.error("%s", error)
         sys.exit(Exit.USAGE)
+    except Locked as error:
+        _logger.error("%s", error)
+        sys.exit(Exit.LOCKED)
+    except WriteError as error:
+        _logger.error("%s", error)
+        sys.exit(Exit.WRITE_FAILED)
+    except Interrupted as error:
+        _logger.warning("%s", error)
+        sys.exit(Exit.INTERRUPTED)
     _logger.info("done: %s", summary.line())
     for line in summary.error_lines():
         _logger.warning("%s", line)
@@ -137,3 +152,21 @@ def errors(output_dir: Path, as_json: bool) -> None:
     except failures.OutputError as error:
         _logger.error("%s", error)
         sys.exit(Exit.USAGE)
+
+
+@main.command()
+@click.argument("output_dir", metavar="OUTPUT", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def verify(output_dir: Path, verbose: bool) -> None:
+    """Check OUTPUT: every shard exists, opens, has its recorded rows and sha256, and the plan is covered exactly
+    once. Works on an unfinished OUTPUT too (reports progress and damage). Exit codes: see the README.
+
+    With --partition, OUTPUT is the run's partition folder, e.g. OUTPUT/run_date=2024-05-01.
+    """
+    _setup_logging(verbose)
+    from pipeline.verify import verify_output
+
+    report = verify_output(output_dir)
+    for line in report.lines():
+        click.echo(line)
+    sys.exit(report.exit_code)

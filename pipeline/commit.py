@@ -78,16 +78,40 @@ def _recover_record(output_dir: Path, plan: Plan, shard: int) -> dict | None:
     return record
 
 
+def _read_record(path: Path) -> dict | None:
+    """A shard's record, or None when it is missing or unreadable (then it is rebuilt from the shard)."""
+    try:
+        return json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as error:
+        _logger.warning("record %s is unreadable (%s): rebuilding it from its shard", path.name, error)
+        return None
+
+
+def _looks_whole(path: Path, record: dict, rows: int) -> bool:
+    """A cheap check of a committed shard: its size and its Parquet footer's row count (`verify` hashes it all)."""
+    try:
+        if path.stat().st_size != record["bytes"]:
+            return False
+        return record["rows"] == rows and pq.read_metadata(path).num_rows == rows
+    except FileNotFoundError:
+        return False
+    except Exception as error:  # a zeroed or overwritten footer
+        _logger.warning("shard %s has an unreadable footer (%s)", path.name, error)
+        return False
+
+
 def committed_records(output_dir: Path, plan: Plan, shards: list[int]) -> dict[int, dict]:
     """The records of those shards that are committed and whole; damaged ones are removed, to be redone."""
     records = {}
     for shard in shards:
         shard_path = output_dir / shard_name(plan, shard)
         record_path = _record_path(output_dir, plan, shard)
-        record = json.loads(record_path.read_text()) if record_path.exists() else None
+        record = _read_record(record_path)
         if record is None and shard_path.exists():
             record = _recover_record(output_dir, plan, shard)
-        if record is not None and shard_path.exists() and shard_path.stat().st_size == record["bytes"]:
+        if record is not None and _looks_whole(shard_path, record, len(plan.shard_range(shard))):
             records[shard] = record
             continue
         if shard_path.exists() or record_path.exists():
@@ -95,6 +119,17 @@ def committed_records(output_dir: Path, plan: Plan, shards: list[int]) -> dict[i
         record_path.unlink(missing_ok=True)
         shard_path.unlink(missing_ok=True)
     return records
+
+
+def manifest_is_readable(output_dir: Path) -> bool:
+    """Whether a _SUCCESS manifest exists and parses (a damaged one is rewritten)."""
+    try:
+        return "shards" in json.loads((output_dir / MANIFEST_NAME).read_bytes())
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError) as error:
+        _logger.warning("the manifest %s is unreadable (%s): rewriting it", MANIFEST_NAME, error)
+        return False
 
 
 def write_manifest(output_dir: Path, plan: Plan, records: dict[int, dict], run_facts: dict) -> dict:

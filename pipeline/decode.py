@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
-from pipeline import causes
+from pipeline import causes, stop
 from pipeline.causes import Unusable
 from pipeline.config import DEFAULT_MAX_IMAGE_PIXELS
 from pipeline.plan import Plan
@@ -263,6 +263,7 @@ def join(batches: list[Batch]) -> Batch:
 
 def _quiet_worker(worker_id: int) -> None:
     torch.set_num_threads(1)  # workers decode with Pillow; torch threads would only contend
+    stop.ignore_in_worker()  # a process-group signal is the main process's to handle
 
 
 def make_loader(dataset: Dataset, batch_size: int, workers: int, pin_memory: bool,

@@ -3,12 +3,32 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
+
+from pipeline import faults
+
+_TEMP = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.tmp")
+
+
+class WriteError(Exception):
+    """A file could not be written or made durable (disk full, I/O error): fatal, never retried."""
+
+    def __init__(self, path: Path, error: OSError):
+        super().__init__(f"cannot write {path}: {error.strerror or error} (errno {error.errno}). Nothing partial "
+                         "is visible: fix the cause (free space, check the disk), then run the same command to resume")
+        self.path = path
 
 
 def temp_name(path: Path) -> Path:
     """The hidden name a file is written under before it is published; no reader's glob matches it."""
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def published_name(temp: str) -> str | None:
+    """The name a temp file (by its file name) was to be published as; None for any other file."""
+    match = _TEMP.fullmatch(temp)
+    return match["name"] if match else None
 
 
 def fsync_dir(folder: Path) -> None:
@@ -29,9 +49,15 @@ def durable_publish(path: Path, data: bytes, exclusive: bool = False) -> bool:
     temp = temp_name(path)
     try:
         with open(temp, "wb") as f:
-            f.write(data)
+            half = len(data) // 2
+            f.write(memoryview(data)[:half])
             f.flush()
+            faults.at("write", path)
+            f.write(memoryview(data)[half:])
+            f.flush()
+            faults.at("fsync", path)
             os.fsync(f.fileno())
+        faults.at("rename", path)
         if exclusive:
             try:
                 os.link(temp, path)
@@ -39,7 +65,10 @@ def durable_publish(path: Path, data: bytes, exclusive: bool = False) -> bool:
                 return False
         else:
             os.replace(temp, path)
+        faults.at("dir-fsync", path)
         fsync_dir(path.parent)
         return True
+    except OSError as error:
+        raise WriteError(path, error) from error
     finally:
         temp.unlink(missing_ok=True)

@@ -7,13 +7,14 @@ import platform
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import PIL
 import pyarrow as pa
 import torch
 import torchvision
 
-from pipeline import commit, decode, failures, guard, infer, layout, model, plan
+from pipeline import commit, decode, failures, guard, infer, layout, leftovers, lock, model, plan, stop
 from pipeline.config import DEFAULT_SHARD_SIZE, Config
 from pipeline.gpu_decode import GpuDecoder
 from pipeline.progress import Progress, Waiting
@@ -110,11 +111,18 @@ def _summary(records: dict[int, dict], total: int, started: float, images_this_r
 
 
 def run(config: Config) -> Summary:
+    """Classify what is not yet committed, holding the run folder's lock; a stop signal raises stop.Interrupted."""
     started = time.monotonic()
     plan.check_input(config.input_dir)
     layout.check_layout(config.output_dir, config.partition)
     out = config.run_dir  # OUTPUT, or its partition folder: shards, plan, records and manifest all live here
     out.mkdir(parents=True, exist_ok=True)
+    with lock.acquire(out), stop.on_signals() as stopping:
+        leftovers.remove_temp_files(out)  # we are the only writer here: every temp file is a dead run's
+        return _run(config, out, stopping, started)
+
+
+def _run(config: Config, out: Path, stopping: stop.Stop, started: float) -> Summary:
     source = model.resolve_weights(config.weights, config.seed)
     identity = {"input_dir": str(config.input_dir.resolve()), **source.facts(),
                 "schema_version": SCHEMA_VERSION, "logits": config.logits}
@@ -128,7 +136,7 @@ def run(config: Config) -> Summary:
     transforms = model.preprocessing_transforms()
     run_facts = _run_facts(the_plan, net, transforms, config)
     if not pending:
-        if not (out / commit.MANIFEST_NAME).exists():
+        if not commit.manifest_is_readable(out):
             commit.write_manifest(out, the_plan, records, run_facts)
         _logger.info("nothing to do: all %d shards are committed", len(shards))
         return _summary(records, len(the_plan.paths), started, 0, config)
@@ -139,8 +147,9 @@ def run(config: Config) -> Summary:
     indices = [index for shard in pending for index in the_plan.shard_range(shard)]
     dataset = decode.ImageFiles(config.input_dir, the_plan, indices, preprocess,
                                 gpu_jpeg=gpu and config.decode == "auto", max_pixels=config.max_image_pixels)
-    batches = guard.batches(dataset, config.batch_size, config.workers, pin_memory=gpu)  # the workers start
-    #   decoding while the model moves to the device; a worker's death costs its file a row, not the run
+    batches = stopping.batches(guard.batches(dataset, config.batch_size, config.workers, pin_memory=gpu))  # the
+    #   workers start decoding while the model moves to the device; a worker's death costs its file a row, not the
+    #   run; a stop signal ends the batches, and the workers with them
     dtype = infer.pick_precision(config.precision, device)
     decoder = GpuDecoder(device, preprocess, config.batch_size, dtype) if gpu else None
     classifier = infer.Classifier(net, device, transforms.mean, transforms.std, config.topk, dtype, decoder)
@@ -158,6 +167,7 @@ def run(config: Config) -> Summary:
         writer.close()
         progress.close()
     records.update(writer.committed)
+    stopping.check(len(records), len(shards))
     commit.write_manifest(out, the_plan, records, run_facts)
     summary = _summary(records, len(the_plan.paths), started, progress.images_this_run, config)
     summary.steady_seconds = time.monotonic() - (classifier.first_launch or started)

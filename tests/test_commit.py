@@ -5,7 +5,14 @@ import json
 
 import pyarrow as pa
 
-from pipeline.commit import MANIFEST_NAME, commit_shard, committed_records, shard_name, write_manifest
+from pipeline.commit import (
+    MANIFEST_NAME,
+    commit_shard,
+    committed_records,
+    manifest_is_readable,
+    shard_name,
+    write_manifest,
+)
 from pipeline.durable import durable_publish
 from pipeline.plan import Listing, new_plan
 from pipeline.writer import encode_shard, rows, with_run_columns
@@ -102,3 +109,37 @@ def test_manifest_carries_totals_versions_and_fingerprints_and_is_deterministic(
     assert manifest["schema_version"] == 2 and manifest["model_fingerprint"] == "ab" * 32
     assert manifest["input_fingerprint"] == hashlib.sha256(b"".join(f"{i}.png".encode() + b"\0" for i in range(5))
                                                            ).hexdigest()
+
+
+def test_a_shard_of_the_right_size_with_a_zeroed_footer_is_redone(tmp_path):
+    plan = new_plan(Listing([f"{i}.png" for i in range(4)], 0), 2, {})
+    _commit_all(tmp_path, plan)
+    damaged = tmp_path / shard_name(plan, 1)
+    data = bytearray(damaged.read_bytes())
+    data[-64:] = bytes(64)  # a crash that left the size but zeroed the last block
+    damaged.write_bytes(bytes(data))
+
+    records = committed_records(tmp_path, plan, [0, 1])
+
+    assert sorted(records) == [0] and not damaged.exists()
+    assert not (tmp_path / "_shards" / f"{shard_name(plan, 1)}.json").exists()
+
+
+def test_an_unreadable_record_is_rebuilt_from_its_shard(tmp_path):
+    plan = new_plan(Listing([f"{i}.png" for i in range(4)], 0), 2, {})
+    _commit_all(tmp_path, plan)
+    record = tmp_path / "_shards" / f"{shard_name(plan, 0)}.json"
+    good = json.loads(record.read_text())
+    record.write_bytes(b"\0" * 40)
+
+    records = committed_records(tmp_path, plan, [0, 1])
+
+    assert sorted(records) == [0, 1] and records[0] == good and json.loads(record.read_text()) == good
+
+
+def test_an_unreadable_manifest_is_not_trusted(tmp_path):
+    assert not manifest_is_readable(tmp_path)
+    (tmp_path / MANIFEST_NAME).write_text('{"rows": 3, "shar')
+    assert not manifest_is_readable(tmp_path)
+    (tmp_path / MANIFEST_NAME).write_text('{"rows": 0, "shards": []}')
+    assert manifest_is_readable(tmp_path)
