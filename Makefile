@@ -8,7 +8,7 @@ OUTPUT ?= output
 WEIGHTS ?= imagenet
 ARGS ?=
 
-.PHONY: help install classify test test-fast lint bench soak clean
+.PHONY: help install classify test test-fast lint bench bench-cpu soak clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -32,6 +32,12 @@ test-fast: install  ## the tests not marked slow
 
 lint: install  ## ruff
 	$(PY) -m ruff check pipeline tests scripts
+
+bench: install  ## GPU benchmark (needs CUDA, scikit-image or scikit-learn): corpus, job, baselines, table last
+	$(PY) scripts/bench.py $(ARGS)
+
+bench-cpu: install  ## the whole job against the bare model's forward throughput on this CPU
+	$(PY) scripts/bench_cpu.py $(ARGS)
 
 soak: install  ## SIGKILL real runs 100 times, resume each, write the figures into docs/reliability.md
 	$(PY) scripts/soak.py --kills 100
