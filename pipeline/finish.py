@@ -93,10 +93,7 @@ def finish(run_dir: Path, plan: Plan) -> Finish:
         return Finish(published=False, finished=False, missing=missing)
     damaged = (run_dir / MANIFEST_NAME).exists()  # unreadable: replaced (the same bytes whoever writes them)
     manifest = write_manifest(run_dir, plan, records, run_facts(run_dir, plan), exclusive=not damaged)
-    published = manifest is not None
-    if published:
-        _logger.info("every shard of %d is committed: published %s", plan.shard_count, MANIFEST_NAME)
-    return Finish(published=published, finished=True, missing=[])
+    return Finish(published=manifest is not None, finished=True, missing=[])
 
 
 def finalize(output_dir: Path, partition: tuple[tuple[str, str], ...] = ()) -> tuple[Plan, Finish]:

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -141,6 +142,21 @@ def save_plan(plan: Plan, output_dir: Path) -> bool:
     with pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
     return durable_publish(output_dir / PLAN_NAME, sink.getvalue().to_pybytes(), exclusive=True)
+
+
+def open_plan(output_dir: Path, make: Callable[[], Plan]) -> tuple[Plan, bool]:
+    """The saved plan of output_dir, or else make()'s, published: (plan, True when this process published it).
+
+    However many processes open the same output at once, exactly one plan is published (save_plan's exclusive
+    link) and every process gets that one.
+    """
+    saved = load_plan(output_dir)
+    if saved is not None:
+        return saved, False
+    fresh = make()
+    if save_plan(fresh, output_dir):
+        return fresh, True
+    return load_plan(output_dir), False  # another process published first
 
 
 def load_facts(output_dir: Path) -> dict | None:

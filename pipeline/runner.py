@@ -65,16 +65,17 @@ class Summary:
 
 def _open_plan(config: Config, identity: dict) -> plan.Plan:
     """The output's plan: the saved one when resuming (checked against identity), else a new one."""
-    saved = plan.load_plan(config.run_dir)
-    if saved is None:
+
+    def fresh() -> plan.Plan:
         layout.check_no_unfinished_twin(config.output_dir, config.partition, identity)
         listing = plan.list_images(config.input_dir)
-        fresh = plan.new_plan(listing, config.shard_size or DEFAULT_SHARD_SIZE, identity)
-        if plan.save_plan(fresh, config.run_dir):
-            _logger.info("planned %d images in %d shards (%d other files ignored), run id %s",
-                         len(listing.paths), fresh.shard_count, listing.ignored, fresh.run_id)
-            return fresh
-        saved = plan.load_plan(config.run_dir)  # another process planned first
+        return plan.new_plan(listing, config.shard_size or DEFAULT_SHARD_SIZE, identity)
+
+    saved, planned = plan.open_plan(config.run_dir, fresh)  # one process plans, however many start at once
+    if planned:
+        _logger.info("planned %d images in %d shards (%d other files ignored), run id %s",
+                     len(saved.paths), saved.shard_count, saved.facts["ignored_files"], saved.run_id)
+        return saved
     for key, value in identity.items():
         if saved.facts.get(key) != value:
             raise PlanMismatch(
