@@ -1,0 +1,101 @@
+"""jobs/: the Slurm array and srun scripts on a real one-node Slurm, the cron script with a real flock."""
+
+import datetime
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pytest
+
+from pipeline.commit import MANIFEST_NAME
+from pipeline.plan import load_plan
+from tests.conftest import REPO, make_corpus
+
+pytest_plugins = ["tests.slurm_cluster"]  # the session fixture slurm_cluster
+
+ARRAY = REPO / "jobs" / "slurm" / "classify.sbatch"
+GPUS = REPO / "jobs" / "slurm" / "classify-gpus.sbatch"
+NIGHTLY = REPO / "jobs" / "cron" / "nightly.sh"
+OPTIONS = ["--weights", "random", "--device", "cpu", "--shard-size", "2", "--batch-size", "2", "--workers", "0"]
+ENV = {"PYTHON": sys.executable, "PYTHONPATH": str(REPO)}
+# The scripts ask for a GPU and 8 CPUs per task; the test node has neither.
+NO_GPU = ["--gres=none", "--cpus-per-task=1"]
+
+
+def paths_of(out: Path) -> list[str]:
+    return sorted(ds.dataset(str(out), format="parquet").to_table(columns=["path"])["path"].to_pylist())
+
+
+def assert_exactly_once(out: Path, expected: list[str]) -> None:
+    assert paths_of(out) == sorted(expected), "every image exactly once"
+    run_ids = ds.dataset(str(out), format="parquet").to_table(columns=["run_id"])["run_id"].unique().to_pylist()
+    assert run_ids == [load_plan(out).run_id]
+    assert f'"rows": {len(expected)},' in (out / MANIFEST_NAME).read_text()
+
+
+def submit(cluster, script: Path, tmp_path: Path, *sbatch_args: str, args=()) -> str:
+    exports = ",".join(["ALL", *(f"{key}={value}" for key, value in ENV.items())])
+    return cluster.sbatch([f"--chdir={tmp_path}", f"--export={exports}", *NO_GPU, *sbatch_args, str(script),
+                           str(tmp_path / "in"), str(tmp_path / "out"), *OPTIONS, *args])
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_an_array_job_classifies_every_image_exactly_once(slurm_cluster, tmp_path):
+    expected = make_corpus(tmp_path / "in", 9, size=(40, 32))
+
+    job = submit(slurm_cluster, ARRAY, tmp_path, "--array=0-2")
+    states = slurm_cluster.wait(job, timeout=120)
+
+    logs = {task: (tmp_path / f"classify-{job}_{task}.log").read_text() for task in range(3)}
+    assert states == {f"{job}_{task}": "COMPLETED" for task in range(3)}, logs
+    assert_exactly_once(tmp_path / "out", expected)
+    for task, log in logs.items():
+        assert f"rank {task} of 3 (from Slurm array SLURM_ARRAY_TASK_ID)" in log
+    assert sum(log.count(f"published {MANIFEST_NAME}") for log in logs.values()) == 1
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_the_srun_variant_runs_one_rank_per_task(slurm_cluster, tmp_path):
+    expected = make_corpus(tmp_path / "in", 7, size=(40, 32))
+
+    job = submit(slurm_cluster, GPUS, tmp_path, "--ntasks-per-node=2")
+    states = slurm_cluster.wait(job, timeout=120)
+
+    logs = [(tmp_path / f"classify-{job}-{task}.log").read_text() for task in range(2)]
+    assert states == {job: "COMPLETED"}, (tmp_path / f"classify-{job}.log").read_text() + "".join(logs)
+    assert_exactly_once(tmp_path / "out", expected)
+    for task, log in enumerate(logs):
+        assert f"rank {task} of 2 (from srun SLURM_PROCID/SLURM_STEP_NUM_TASKS), local rank {task}" in log
+
+
+def nightly(tmp_path: Path, input_dir: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([str(NIGHTLY), str(input_dir), str(tmp_path / "out"), *OPTIONS, *args],
+                            env={**os.environ, **ENV}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_the_nightly_script_writes_tonights_partition_refuses_overlap_and_passes_exit_codes(tmp_path):
+    expected = make_corpus(tmp_path / "in", 3, size=(40, 32))
+    today = datetime.date.today().isoformat()
+    log = tmp_path / "out" / "_logs" / f"nightly-{today}.log"
+
+    first = nightly(tmp_path, tmp_path / "in")
+    deadline = time.monotonic() + 30
+    while not (log.exists() and "nightly run" in log.read_text()):  # it holds the lock before it logs this
+        assert time.monotonic() < deadline and first.poll() is None, first.communicate()
+        time.sleep(0.05)
+    overlapping = nightly(tmp_path, tmp_path / "in")
+    assert overlapping.wait(timeout=30) == 73
+    assert first.wait(timeout=120) == 0, log.read_text()
+    failing = nightly(tmp_path, tmp_path / "missing")
+
+    assert failing.wait(timeout=60) == 2, "the job's exit code is the script's"
+    text = log.read_text()
+    assert "another nightly run holds" in text and "does not exist" in text
+    assert_exactly_once(tmp_path / "out" / f"run_date={today}", expected)
+    assert first.communicate()[0] == "" and overlapping.communicate()[0] == "", "everything goes to the log"
