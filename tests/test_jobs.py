@@ -4,6 +4,7 @@ import datetime
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 
 from pipeline.commit import MANIFEST_NAME
 from pipeline.plan import load_plan
-from tests.conftest import REPO, make_corpus
+from tests.conftest import REPO, make_corpus, write_image
 
 pytest_plugins = ["tests.slurm_cluster"]  # the session fixture slurm_cluster
 
@@ -42,19 +43,76 @@ def submit(cluster, script: Path, tmp_path: Path, *sbatch_args: str, args=()) ->
                            str(tmp_path / "in"), str(tmp_path / "out"), *OPTIONS, *args])
 
 
+class HeldImage:
+    """An input image that is a symlink to a FIFO: a process reading it waits until feed() is called, then every
+    later reader gets the image at once. It holds a run at a known point without changing what it computes."""
+
+    def __init__(self, link: Path, seed: int, folder: Path):
+        self.fifo = folder / f"{link.name}.fifo"
+        self.data = write_image(folder / link.name, seed, size=(40, 32)).read_bytes()
+        os.mkfifo(self.fifo)
+        link.symlink_to(self.fifo)
+        self.done = threading.Event()
+        self.feeder = threading.Thread(target=self._feed, daemon=True)
+
+    def feed(self) -> None:
+        self.feeder.start()
+
+    def _feed(self) -> None:
+        while not self.done.is_set():
+            try:
+                fd = os.open(self.fifo, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO until a reader opens it
+            except OSError:
+                time.sleep(0.01)
+                continue
+            os.set_blocking(fd, True)
+            try:
+                os.write(fd, self.data)
+            except BrokenPipeError:  # the reader was killed
+                pass
+            os.close(fd)
+
+    def close(self) -> None:
+        self.done.set()
+
+
+def shard_files(out: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("part-*.parquet")}
+
+
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_an_array_job_classifies_every_image_exactly_once(slurm_cluster, tmp_path):
-    expected = make_corpus(tmp_path / "in", 9, size=(40, 32))
+def test_an_array_job_classifies_every_image_exactly_once_also_when_a_task_is_requeued(slurm_cluster, tmp_path):
+    for i in range(12):  # 6 shards of 2: task 0 does shards 0, 2, 4 and task 1 shards 1, 3, 5
+        write_image(tmp_path / "in" / f"img{i:02d}.png", i, size=(40, 32))
+    (tmp_path / "in" / "img10.png").unlink()
+    # in shard 5: task 1 waits there, shard 3 in flight, shard 1 committed (one batch stays in flight)
+    held = HeldImage(tmp_path / "in" / "img10.png", 10, tmp_path)
+    out = tmp_path / "out"
+    try:
+        job = submit(slurm_cluster, ARRAY, tmp_path, "--array=0-1")
+        task = f"{job}_1"
+        deadline = time.monotonic() + 90
+        while not list((out / "_shards").glob("part-00001-*.json")) or slurm_cluster.states(task)[task] != "RUNNING":
+            assert time.monotonic() < deadline, f"task 1 never committed shard 1: {slurm_cluster.states(job)}"
+            time.sleep(0.1)
+        before = shard_files(out)
 
-    job = submit(slurm_cluster, ARRAY, tmp_path, "--array=0-2")
-    states = slurm_cluster.wait(job, timeout=120)
+        slurm_cluster.requeue(task)
+        held.feed()
+        states = slurm_cluster.wait(job, timeout=120)
+    finally:
+        held.close()
 
-    logs = {task: (tmp_path / f"classify-{job}_{task}.log").read_text() for task in range(3)}
-    assert states == {f"{job}_{task}": "COMPLETED" for task in range(3)}, logs
-    assert_exactly_once(tmp_path / "out", expected)
-    for task, log in logs.items():
-        assert f"rank {task} of 3 (from Slurm array SLURM_ARRAY_TASK_ID)" in log
+    logs = {task: (tmp_path / f"classify-{job}_{task}.log").read_text() for task in range(2)}
+    assert states == {f"{job}_0": "COMPLETED", f"{job}_1": "COMPLETED"}, logs
+    assert_exactly_once(out, [f"img{i:02d}.png" for i in range(12)])
+    assert "rank 0 of 2 (from Slurm array SLURM_ARRAY_TASK_ID)" in logs[0]
+    assert "restart 0" in logs[1] and "restart 1" in logs[1], "task 1 ran twice, its log appended"
+    assert logs[1].count("classifying 6 images (3 shards)") == 1, "its first start"
+    assert logs[1].count("classifying 4 images (2 shards)") == 1, "its restart: only shards 3 and 5"
+    after = shard_files(out)
+    assert {name: after[name] for name in before} == before, "what was committed before the requeue stays"
     assert sum(log.count(f"published {MANIFEST_NAME}") for log in logs.values()) == 1
 
 
