@@ -4,7 +4,6 @@ import datetime
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 from pipeline.commit import MANIFEST_NAME
 from pipeline.plan import load_plan
 from tests.conftest import REPO, make_corpus, write_image
+from tests.held_image import HeldImage
 
 pytest_plugins = ["tests.slurm_cluster"]  # the session fixture slurm_cluster
 
@@ -43,39 +43,6 @@ def submit(cluster, script: Path, tmp_path: Path, *sbatch_args: str, args=()) ->
                            str(tmp_path / "in"), str(tmp_path / "out"), *OPTIONS, *args])
 
 
-class HeldImage:
-    """An input image that is a symlink to a FIFO: a process reading it waits until feed() is called, then every
-    later reader gets the image at once. It holds a run at a known point without changing what it computes."""
-
-    def __init__(self, link: Path, seed: int, folder: Path):
-        self.fifo = folder / f"{link.name}.fifo"
-        self.data = write_image(folder / link.name, seed, size=(40, 32)).read_bytes()
-        os.mkfifo(self.fifo)
-        link.symlink_to(self.fifo)
-        self.done = threading.Event()
-        self.feeder = threading.Thread(target=self._feed, daemon=True)
-
-    def feed(self) -> None:
-        self.feeder.start()
-
-    def _feed(self) -> None:
-        while not self.done.is_set():
-            try:
-                fd = os.open(self.fifo, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO until a reader opens it
-            except OSError:
-                time.sleep(0.01)
-                continue
-            os.set_blocking(fd, True)
-            try:
-                os.write(fd, self.data)
-            except BrokenPipeError:  # the reader was killed
-                pass
-            os.close(fd)
-
-    def close(self) -> None:
-        self.done.set()
-
-
 def shard_files(out: Path) -> dict[str, tuple[int, int]]:
     return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("part-*.parquet")}
 
@@ -87,7 +54,7 @@ def test_an_array_job_classifies_every_image_exactly_once_also_when_a_task_is_re
         write_image(tmp_path / "in" / f"img{i:02d}.png", i, size=(40, 32))
     (tmp_path / "in" / "img10.png").unlink()
     # in shard 5: task 1 waits there, shard 3 in flight, shard 1 committed (one batch stays in flight)
-    held = HeldImage(tmp_path / "in" / "img10.png", 10, tmp_path)
+    held = HeldImage(tmp_path / "in" / "img10.png", write_image(tmp_path / "img10.png", 10, size=(40, 32)))
     out = tmp_path / "out"
     try:
         job = submit(slurm_cluster, ARRAY, tmp_path, "--array=0-1")

@@ -1,6 +1,7 @@
 """Many processes, one output, on the CPU: ranks give exactly a single process's rows, one plan, per-rank resume."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 from pipeline.commit import MANIFEST_NAME
 from pipeline.plan import load_plan
 from tests.conftest import REPO, make_corpus, run_pipeline
+from tests.held_image import HeldImage
 
 # Batches of 2 in shards of 2: every batch is one shard, so a rank's batches are the single run's and every
 # value, logits included, must come out bit for bit the same.
@@ -93,24 +95,32 @@ def committed_shards(out: Path) -> dict[str, tuple[int, int]]:
 @pytest.mark.slow
 def test_a_killed_rank_redoes_only_its_own_unfinished_shards(corpus, tmp_path):
     input_dir, single = corpus
+    shutil.copytree(input_dir, tmp_path / "in", symlinks=True)
+    held_path = single["path"][10]  # in shard 5, rank 1's last: it waits there with shard 1 committed
+    image = shutil.move(tmp_path / "in" / held_path, tmp_path / "held.img")
+    held = HeldImage(tmp_path / "in" / held_path, Path(image))
     out = tmp_path / "out"
-    rank0 = start(input_dir, out, "--rank", "0", "--world-size", "2", log=tmp_path / "rank0.log")
-    rank1 = start(input_dir, out, "--rank", "1", "--world-size", "2", log=tmp_path / "killed.log")
-    deadline = time.monotonic() + 60
-    while not [name for name in committed_shards(out) if int(name[5:10]) % 2]:  # rank 1's first commit: kill it
-        assert time.monotonic() < deadline and rank1.poll() is None, (tmp_path / "killed.log").read_text()
-        time.sleep(0.002)
-    rank1.send_signal(signal.SIGKILL)
-    rank1.wait()
-    assert rank0.wait(timeout=60) == 0
-    before = committed_shards(out)
-    assert [int(name[5:10]) % 2 for name in sorted(before)].count(0) == 3, "rank 0 did its share"
-    assert 4 <= len(before) < 6 and not (out / MANIFEST_NAME).exists(), "rank 1 was killed with work left"
+    try:
+        rank0 = start(tmp_path / "in", out, "--rank", "0", "--world-size", "2", log=tmp_path / "rank0.log")
+        rank1 = start(tmp_path / "in", out, "--rank", "1", "--world-size", "2", log=tmp_path / "killed.log")
+        deadline = time.monotonic() + 60
+        while not list(out.glob("_shards/part-00001-*.json")):
+            assert time.monotonic() < deadline and rank1.poll() is None, (tmp_path / "killed.log").read_text()
+            time.sleep(0.01)
+        rank1.send_signal(signal.SIGKILL)
+        rank1.wait()
+        assert rank0.wait(timeout=60) == 0
+        before = committed_shards(out)
+        assert sorted(name[:10] for name in before) == ["part-00000", "part-00001", "part-00002", "part-00004"]
+        assert not (out / MANIFEST_NAME).exists()
 
-    resumed = run_pipeline("classify", str(input_dir), str(out), *OPTIONS, "--rank", "1", "--world-size", "2")
+        held.feed()
+        resumed = run_pipeline("classify", str(tmp_path / "in"), str(out), *OPTIONS, "--rank", "1",
+                               "--world-size", "2")
+    finally:
+        held.close()
 
-    left = 6 - len(before)
-    assert f"classifying {2 * left} images ({left} shards)" in resumed.stderr
+    assert "classifying 4 images (2 shards)" in resumed.stderr, "shards 3 and 5 only"
     after = committed_shards(out)
     assert {name: after[name] for name in before} == before, "committed shards untouched, rank 0's and its own"
     assert f"published {MANIFEST_NAME}" in resumed.stderr
