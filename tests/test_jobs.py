@@ -2,6 +2,7 @@
 
 import datetime
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -37,10 +38,10 @@ def assert_exactly_once(out: Path, expected: list[str]) -> None:
     assert f'"rows": {len(expected)},' in (out / MANIFEST_NAME).read_text()
 
 
-def submit(cluster, script: Path, tmp_path: Path, *sbatch_args: str, args=()) -> str:
-    exports = ",".join(["ALL", *(f"{key}={value}" for key, value in ENV.items())])
+def submit(cluster, script: Path, tmp_path: Path, *sbatch_args: str, env=ENV) -> str:
+    exports = ",".join(["ALL", *(f"{key}={value}" for key, value in env.items())])
     return cluster.sbatch([f"--chdir={tmp_path}", f"--export={exports}", *NO_GPU, *sbatch_args, str(script),
-                           str(tmp_path / "in"), str(tmp_path / "out"), *OPTIONS, *args])
+                           str(tmp_path / "in"), str(tmp_path / "out"), *OPTIONS])
 
 
 def shard_files(out: Path) -> dict[str, tuple[int, int]]:
@@ -83,19 +84,34 @@ def test_an_array_job_classifies_every_image_exactly_once_also_when_a_task_is_re
     assert sum(log.count(f"published {MANIFEST_NAME}") for log in logs.values()) == 1
 
 
+def installed_copy(script: Path, repo: Path) -> Path:
+    """script in a checkout at repo whose .venv/bin/python (what `make install` makes) runs this interpreter."""
+    copy = repo / script.relative_to(REPO)
+    copy.parent.mkdir(parents=True)
+    shutil.copy2(script, copy)
+    venv_python = repo / ".venv" / "bin" / "python"
+    venv_python.parent.mkdir(parents=True)
+    venv_python.write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+    venv_python.chmod(0o755)
+    return copy
+
+
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_the_srun_variant_runs_one_rank_per_task(slurm_cluster, tmp_path):
+def test_the_srun_variant_runs_one_rank_per_task_with_the_checkouts_python(slurm_cluster, tmp_path):
     expected = make_corpus(tmp_path / "in", 7, size=(40, 32))
+    script = installed_copy(GPUS, tmp_path / "checkout")
 
-    job = submit(slurm_cluster, GPUS, tmp_path, "--ntasks-per-node=2")
+    job = submit(slurm_cluster, script, tmp_path, "--ntasks-per-node=2", env={"PYTHON": "", "PYTHONPATH": REPO})
     states = slurm_cluster.wait(job, timeout=120)
 
-    logs = [(tmp_path / f"classify-{job}-{task}.log").read_text() for task in range(2)]
-    assert states == {job: "COMPLETED"}, (tmp_path / f"classify-{job}.log").read_text() + "".join(logs)
+    log = (tmp_path / f"classify-{job}.log").read_text()
+    task_logs = [(tmp_path / f"classify-{job}-{task}.log").read_text() for task in range(2)]
+    assert states == {job: "COMPLETED"}, log + "".join(task_logs)
+    assert f"{tmp_path}/checkout/jobs/slurm/../../.venv/bin/python -m pipeline classify" in log
     assert_exactly_once(tmp_path / "out", expected)
-    for task, log in enumerate(logs):
-        assert f"rank {task} of 2 (from srun SLURM_PROCID/SLURM_STEP_NUM_TASKS), local rank {task}" in log
+    for task, task_log in enumerate(task_logs):
+        assert f"rank {task} of 2 (from srun SLURM_PROCID/SLURM_STEP_NUM_TASKS), local rank {task}" in task_log
 
 
 def nightly(tmp_path: Path, input_dir: Path, *args: str) -> subprocess.Popen:
