@@ -113,7 +113,7 @@ def _summary(records: dict[int, dict], total: int, started: float, images_this_r
                    max_error_rate=config.max_error_rate)
 
 
-def _finish(out, the_plan: plan.Plan, rank: ranks.Rank) -> None:
+def _finish(out: Path, the_plan: plan.Plan, rank: ranks.Rank) -> None:
     """Publish _SUCCESS when every shard is committed, whichever process committed them."""
     ended = finish.finish(out, the_plan)
     if not ended.finished and rank.world_size == 1:

@@ -84,6 +84,37 @@ def test_an_array_job_classifies_every_image_exactly_once_also_when_a_task_is_re
     assert sum(log.count(f"published {MANIFEST_NAME}") for log in logs.values()) == 1
 
 
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_task_stopped_ahead_of_its_time_limit_requeues_itself_and_resumes(slurm_cluster, tmp_path):
+    for i in range(10):  # 5 shards of 2, all for the one task
+        write_image(tmp_path / "in" / f"img{i:02d}.png", i, size=(40, 32))
+    (tmp_path / "in" / "img04.png").unlink()
+    held = HeldImage(tmp_path / "in" / "img04.png", write_image(tmp_path / "img04.png", 4, size=(40, 32)))
+    out = tmp_path / "out"
+    try:
+        job = submit(slurm_cluster, ARRAY, tmp_path, "--array=0")
+        task = f"{job}_0"
+        deadline = time.monotonic() + 90
+        while not list((out / "_shards").glob("part-00000-*.json")):  # it waits on shard 2, shard 1 in flight
+            assert time.monotonic() < deadline, f"shard 0 never committed: {slurm_cluster.states(job)}"
+            time.sleep(0.1)
+
+        # what --signal=B:USR1@300 does 5 minutes before the time limit: USR1 to the batch script alone
+        slurm_cluster.run("scancel", "--batch", "--signal=USR1", task)
+        time.sleep(1)  # the script passes it on; Python stops taking batches once the held one is read
+        held.feed()
+        states = slurm_cluster.wait(job, timeout=120)
+    finally:
+        held.close()
+
+    log = (tmp_path / f"classify-{job}_0.log").read_text()
+    assert states == {task: "COMPLETED"}, log
+    assert "USR1 received" in log and "requeueing task 0 to resume" in log
+    assert "restart 1" in log and "classifying 4 images (2 shards)" in log, "shards 3 and 4 only"
+    assert_exactly_once(out, [f"img{i:02d}.png" for i in range(10)])
+
+
 def installed_copy(script: Path, repo: Path) -> Path:
     """script in a checkout at repo whose .venv/bin/python (what `make install` makes) runs this interpreter."""
     copy = repo / script.relative_to(REPO)
