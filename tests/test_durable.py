@@ -48,6 +48,22 @@ def test_a_failed_write_or_fsync_names_the_path_and_leaves_nothing(tmp_path, mon
     assert faults._reached[f"shard-{step}"] == 1, "the failed step is not retried"
 
 
+def test_a_pause_can_be_aimed_at_one_occurrence_of_a_point(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(faults, "_PAUSE", {"shard-rename": 2, "record-write": 0})
+    monkeypatch.setattr(faults, "_PAUSE_S", 0.0)
+    monkeypatch.setattr(faults, "_reached", faults.Counter())
+
+    (tmp_path / "_shards").mkdir()
+    for shard in range(3):
+        durable_publish(tmp_path / f"part-0000{shard}-run.parquet", b"x")
+        durable_publish(tmp_path / "_shards" / f"part-0000{shard}-run.parquet.json", b"{}")
+
+    paused = [record.getMessage() for record in caplog.records if "test pause" in record.getMessage()]
+    assert [line.split(" (")[0] for line in paused] == ["test pause at record-write", "test pause at shard-rename",
+                                                       "test pause at record-write", "test pause at record-write"]
+    assert "(part-00001-run.parquet)" in paused[1]
+
+
 def test_a_failure_after_publication_leaves_the_whole_file(tmp_path, monkeypatch):
     monkeypatch.setattr(faults, "_FAIL_POINT", "manifest-dir-fsync")
     monkeypatch.setattr(faults, "_FAIL_AT", "")
