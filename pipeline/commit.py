@@ -27,8 +27,13 @@ def shard_name(plan: Plan, shard: int) -> str:
     return f"part-{shard:05d}-{plan.run_id}.parquet"
 
 
+def file_names(plan: Plan, shard: int) -> tuple[str, str]:
+    """The names a shard is published under: its Parquet file and its record."""
+    return shard_name(plan, shard), f"{shard_name(plan, shard)}.json"
+
+
 def _record_path(output_dir: Path, plan: Plan, shard: int) -> Path:
-    return output_dir / RECORDS_DIR / f"{shard_name(plan, shard)}.json"
+    return output_dir / RECORDS_DIR / file_names(plan, shard)[1]
 
 
 def _record(plan: Plan, shard: int, data: bytes, status_counts: dict[str, int],

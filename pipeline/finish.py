@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from pipeline.commit import MANIFEST_NAME, RECORDS_DIR, shard_name, write_manifest
+from pipeline.commit import MANIFEST_NAME, RECORDS_DIR, file_names, manifest_is_readable, shard_name, write_manifest
 from pipeline.plan import PLAN_NAME, Plan, load_plan
 
 _logger = logging.getLogger(__name__)
@@ -46,9 +46,9 @@ class Finish:
 
 def _record(run_dir: Path, plan: Plan, shard: int) -> dict | None:
     """A shard's record when the shard and its record are both there and agree on the size; else None."""
-    name = shard_name(plan, shard)
+    name, record_name = file_names(plan, shard)
     try:
-        record = json.loads((run_dir / RECORDS_DIR / f"{name}.json").read_bytes())
+        record = json.loads((run_dir / RECORDS_DIR / record_name).read_bytes())
         size = (run_dir / name).stat().st_size
     except (OSError, ValueError):
         return None
@@ -72,16 +72,6 @@ def run_facts(run_dir: Path, plan: Plan) -> dict:
     metadata = pq.read_schema(run_dir / shard_name(plan, 0)).metadata
     facts = json.loads(metadata[b"pipeline.run"])
     return {key: value for key, value in facts.items() if key not in PER_PROCESS_FACTS}
-
-
-def manifest_is_readable(run_dir: Path) -> bool:
-    try:
-        return "shards" in json.loads((run_dir / MANIFEST_NAME).read_bytes())
-    except FileNotFoundError:
-        return False
-    except (OSError, ValueError) as error:
-        _logger.warning("%s is unreadable (%s): rewriting it", MANIFEST_NAME, error)
-        return False
 
 
 def finish(run_dir: Path, plan: Plan) -> Finish:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.ipc
 
+from pipeline import lock
 from pipeline.durable import durable_publish
 
 _logger = logging.getLogger(__name__)
@@ -147,16 +148,21 @@ def save_plan(plan: Plan, output_dir: Path) -> bool:
 def open_plan(output_dir: Path, make: Callable[[], Plan]) -> tuple[Plan, bool]:
     """The saved plan of output_dir, or else make()'s, published: (plan, True when this process published it).
 
-    However many processes open the same output at once, exactly one plan is published (save_plan's exclusive
-    link) and every process gets that one.
+    However many processes open the same output at once, one of them lists and plans while the others wait on
+    the `plan` lock (no rank lists a million files for nothing), and exactly one plan is published (save_plan's
+    exclusive link, which holds even where the lock only excludes processes of one host); all get that one.
     """
     saved = load_plan(output_dir)
     if saved is not None:
         return saved, False
-    fresh = make()
-    if save_plan(fresh, output_dir):
-        return fresh, True
-    return load_plan(output_dir), False  # another process published first
+    with lock.acquire(output_dir, "plan", wait=True):  # released by the kernel if the planner dies
+        saved = load_plan(output_dir)
+        if saved is not None:
+            return saved, False
+        fresh = make()
+        if save_plan(fresh, output_dir):
+            return fresh, True
+    return load_plan(output_dir), False  # published by a process the lock did not exclude
 
 
 def load_facts(output_dir: Path) -> dict | None:

@@ -8,12 +8,18 @@ Rank r of a world of W processes does the shards k with k % W == r. The sources,
 - a Slurm job array (``SLURM_ARRAY_TASK_ID`` among ``SLURM_ARRAY_TASK_MIN``..``MAX`` by ``STEP``, ``COUNT`` tasks):
   each array task is one such group, so rank = array index * group size + rank in the group;
 - ``--rank``/``--world-size`` replace all of that (the local rank, for the GPU, still comes from the environment).
+
+hold() takes the locks under which a rank writes (pipeline/lock.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline import lock
 
 
 class RankError(Exception):
@@ -111,3 +117,34 @@ def detect(environ: Mapping[str, str], rank: int | None = None, world_size: int 
     index, count = array
     source = "Slurm array SLURM_ARRAY_TASK_ID" + (f" and {group.source}" if group.world_size > 1 else "")
     return _checked(index * group.world_size + group.rank, count * group.world_size, group.local_rank, source)
+
+
+def _world_lock(world_size: int) -> str:
+    return f"world-{world_size:05d}"
+
+
+@contextmanager
+def hold(run_dir: Path, rank: Rank) -> Iterator[None]:
+    """The locks this process writes under, for the duration; lock.Locked at once when it must not write.
+
+    A single process holds the run folder's lock alone (no other writer at all). A rank of N holds it shared with
+    the other ranks, holds `world-N` shared with the ranks of the same world size, and `rank-R` alone (one process
+    per rank). A process of another world size shares the shards out differently, so the two must never write at
+    the same time: each rank first takes its world's lock, then checks that no other world's is held; of two
+    worlds starting together at least one sees the other. Once every process of a world has ended, a run may
+    resume with another world size.
+    """
+    if rank.world_size == 1:
+        with lock.acquire(run_dir):
+            yield
+        return
+    own = _world_lock(rank.world_size)
+    with lock.acquire(run_dir, shared=True), lock.acquire(run_dir, own, shared=True):
+        for path in sorted((run_dir / lock.LOCKS_DIR).glob("world-*.lock")):
+            if path.stem != own and lock.held(run_dir, path.stem):
+                raise lock.Locked(
+                    f"{run_dir} is being written by ranks of a run of world size {int(path.stem[6:])}, not "
+                    f"{rank.world_size}: they share the shards out differently. Wait for them to end or stop them, "
+                    f"or start this process with --world-size {int(path.stem[6:])} --rank R to stand in for rank R")
+        with lock.acquire(run_dir, f"rank-{rank.rank:05d}"):
+            yield

@@ -16,7 +16,7 @@ import pyarrow as pa
 import torch
 import torchvision
 
-from pipeline import commit, decode, failures, finish, guard, infer, layout, leftovers, lock, model, plan, ranks, stop
+from pipeline import commit, decode, failures, finish, guard, infer, layout, leftovers, model, plan, ranks, stop
 from pipeline.config import DEFAULT_SHARD_SIZE, Config
 from pipeline.gpu_decode import GpuDecoder
 from pipeline.progress import Progress, Waiting
@@ -122,7 +122,8 @@ def _finish(out: Path, the_plan: plan.Plan, rank: ranks.Rank) -> None:
 
 
 def run(config: Config) -> Summary:
-    """Classify what is not yet committed, holding the run folder's lock; a stop signal raises stop.Interrupted."""
+    """Classify what is not yet committed (this rank's share), holding the run folder's locks (ranks.hold); a stop
+    signal raises stop.Interrupted."""
     started = time.monotonic()
     rank = ranks.detect(os.environ, config.rank, config.world_size)
     if rank.world_size > 1:
@@ -131,8 +132,9 @@ def run(config: Config) -> Summary:
     layout.check_layout(config.output_dir, config.partition)
     out = config.run_dir  # OUTPUT, or its partition folder: shards, plan, records and manifest all live here
     out.mkdir(parents=True, exist_ok=True)
-    with lock.acquire(out), stop.on_signals() as stopping:
-        leftovers.remove_temp_files(out)  # we are the only writer here: every temp file is a dead run's
+    with ranks.hold(out, rank), stop.on_signals() as stopping:
+        if rank.world_size == 1:
+            leftovers.remove_temp_files(out)  # we are the only writer here: every temp file is a dead run's
         return _run(config, out, rank, stopping, started)
 
 
@@ -142,6 +144,8 @@ def _run(config: Config, out: Path, rank: ranks.Rank, stopping: stop.Stop, start
                 "schema_version": SCHEMA_VERSION, "logits": config.logits}
     the_plan = _open_plan(config, identity)
     shards = rank.shards(the_plan.shard_count)  # all of them for a single process
+    if rank.world_size > 1:  # other ranks write beside us: only the temp files of our own shards are a dead run's
+        leftovers.remove_temp_files(out, {name for shard in shards for name in commit.file_names(the_plan, shard)})
     records = commit.committed_records(out, the_plan, shards)
     pending = [shard for shard in shards if shard not in records]
     rows = sum(len(the_plan.shard_range(shard)) for shard in shards)
