@@ -2,6 +2,7 @@
 
 import datetime
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,8 +14,7 @@ import pytest
 
 from pipeline.commit import MANIFEST_NAME
 from pipeline.plan import load_plan
-from tests.conftest import REPO, make_corpus, write_image
-from tests.held_image import HeldImage
+from tests.conftest import REPO, make_corpus
 
 pytest_plugins = ["tests.slurm_cluster"]  # the session fixture slurm_cluster
 
@@ -48,71 +48,55 @@ def shard_files(out: Path) -> dict[str, tuple[int, int]]:
     return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("part-*.parquet")}
 
 
+# Each task pauses 3 s inside its 2nd shard commit (written and fsynced, not yet renamed): a known point to act at.
+PAUSED = {**ENV, "PIPELINE_TEST_PAUSE": "shard-rename@2", "PIPELINE_TEST_PAUSE_S": "3"}
+
+
+def wait_for_line(log: Path, line: str, cluster, job: str, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while not (log.exists() and line in log.read_text()):
+        assert time.monotonic() < deadline, f"no {line!r} in {log}: {cluster.states(job)}"
+        time.sleep(0.05)
+
+
+def classified(log: str) -> list[tuple[int, int]]:
+    """(images, shards) of every start's 'classifying' line in a task's log."""
+    found = re.findall(r"classifying (\d+) images \((\d+) shards", log)
+    return [(int(images), int(shards)) for images, shards in found]
+
+
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_an_array_job_classifies_every_image_exactly_once_also_when_a_task_is_requeued(slurm_cluster, tmp_path):
-    for i in range(12):  # 6 shards of 2: task 0 does shards 0, 2, 4 and task 1 shards 1, 3, 5
-        write_image(tmp_path / "in" / f"img{i:02d}.png", i, size=(40, 32))
-    (tmp_path / "in" / "img10.png").unlink()
-    # in shard 5: task 1 waits there, shard 3 in flight, shard 1 committed (one batch stays in flight)
-    held = HeldImage(tmp_path / "in" / "img10.png", write_image(tmp_path / "img10.png", 10, size=(40, 32)))
+def test_an_array_job_classifies_every_image_exactly_once_though_its_tasks_are_stopped_and_requeued(
+        slurm_cluster, tmp_path):
+    expected = make_corpus(tmp_path / "in", 20, size=(40, 32))  # 10 shards: task 0 does 0, 2, 4, 6, 8; task 1 the rest
     out = tmp_path / "out"
-    try:
-        job = submit(slurm_cluster, ARRAY, tmp_path, "--array=0-1")
-        task = f"{job}_1"
-        deadline = time.monotonic() + 90
-        while not list((out / "_shards").glob("part-00001-*.json")) or slurm_cluster.states(task)[task] != "RUNNING":
-            assert time.monotonic() < deadline, f"task 1 never committed shard 1: {slurm_cluster.states(job)}"
-            time.sleep(0.1)
-        before = shard_files(out)
+    job = submit(slurm_cluster, ARRAY, tmp_path, "--array=0-1", env=PAUSED)
+    logs = [tmp_path / f"classify-{job}_{task}.log" for task in range(2)]
+    wait_for_line(logs[1], "test pause at shard-rename (part-00003", slurm_cluster, job)
+    before = shard_files(out)
+    slurm_cluster.requeue(f"{job}_1")  # Slurm stops task 1 (SIGTERM, later SIGKILL) and starts it again
+    wait_for_line(logs[0], "test pause at shard-rename (part-00002", slurm_cluster, job)
+    # what --signal=B:USR1@300 does 5 minutes before the time limit: USR1 to task 0's batch script alone
+    slurm_cluster.run("scancel", "--batch", "--signal=USR1", f"{job}_0")
 
-        slurm_cluster.requeue(task)
-        held.feed()
-        states = slurm_cluster.wait(job, timeout=120)
-    finally:
-        held.close()
+    states = slurm_cluster.wait(job, timeout=120)
 
-    logs = {task: (tmp_path / f"classify-{job}_{task}.log").read_text() for task in range(2)}
-    assert states == {f"{job}_0": "COMPLETED", f"{job}_1": "COMPLETED"}, logs
-    assert_exactly_once(out, [f"img{i:02d}.png" for i in range(12)])
-    assert "rank 0 of 2 (from Slurm array SLURM_ARRAY_TASK_ID)" in logs[0]
-    assert "restart 0" in logs[1] and "restart 1" in logs[1], "task 1 ran twice, its log appended"
-    assert logs[1].count("classifying 6 images (3 shards)") == 1, "its first start"
-    assert logs[1].count("classifying 4 images (2 shards)") == 1, "its restart: only shards 3 and 5"
+    texts = [log.read_text() for log in logs]
+    assert states == {f"{job}_0": "COMPLETED", f"{job}_1": "COMPLETED"}, texts
+    assert_exactly_once(out, expected)
+    assert "rank 0 of 2 (from Slurm array SLURM_ARRAY_TASK_ID)" in texts[0]
+    assert "SIGUSR1 received" in texts[0] and "interrupted by SIGUSR1" in texts[0], "Python got it and exited 75"
+    assert "requeueing task 0 to resume" in texts[0], "the script requeued it"
+    assert "requeueing" not in texts[1], "Slurm requeued task 1 itself"
+    for text in texts:
+        assert "restart 0" in text and "restart 1" in text, "each task ran twice, its log appended"
+        first, again = classified(text)  # stopped inside its 2nd commit: it commits at most what is in flight
+        assert first == (10, 5) and 1 <= again[1] <= 4 and again[0] == 2 * again[1], "the restart did only the rest"
     after = shard_files(out)
     assert {name: after[name] for name in before} == before, "what was committed before the requeue stays"
-    assert sum(log.count(f"published {MANIFEST_NAME}") for log in logs.values()) == 1
-
-
-@pytest.mark.slurm
-@pytest.mark.slow
-def test_a_task_stopped_ahead_of_its_time_limit_requeues_itself_and_resumes(slurm_cluster, tmp_path):
-    for i in range(10):  # 5 shards of 2, all for the one task
-        write_image(tmp_path / "in" / f"img{i:02d}.png", i, size=(40, 32))
-    (tmp_path / "in" / "img04.png").unlink()
-    held = HeldImage(tmp_path / "in" / "img04.png", write_image(tmp_path / "img04.png", 4, size=(40, 32)))
-    out = tmp_path / "out"
-    try:
-        job = submit(slurm_cluster, ARRAY, tmp_path, "--array=0")
-        task = f"{job}_0"
-        deadline = time.monotonic() + 90
-        while not list((out / "_shards").glob("part-00000-*.json")):  # it waits on shard 2, shard 1 in flight
-            assert time.monotonic() < deadline, f"shard 0 never committed: {slurm_cluster.states(job)}"
-            time.sleep(0.1)
-
-        # what --signal=B:USR1@300 does 5 minutes before the time limit: USR1 to the batch script alone
-        slurm_cluster.run("scancel", "--batch", "--signal=USR1", task)
-        time.sleep(1)  # the script passes it on; Python stops taking batches once the held one is read
-        held.feed()
-        states = slurm_cluster.wait(job, timeout=120)
-    finally:
-        held.close()
-
-    log = (tmp_path / f"classify-{job}_0.log").read_text()
-    assert states == {task: "COMPLETED"}, log
-    assert "USR1 received" in log and "requeueing task 0 to resume" in log
-    assert "restart 1" in log and "classifying 4 images (2 shards)" in log, "shards 3 and 4 only"
-    assert_exactly_once(out, [f"img{i:02d}.png" for i in range(10)])
+    assert "part-00001" in " ".join(before) and "part-00003" not in " ".join(before)
+    assert sum(text.count(f"published {MANIFEST_NAME}") for text in texts) == 1
 
 
 def installed_copy(script: Path, repo: Path) -> Path:
@@ -129,20 +113,26 @@ def installed_copy(script: Path, repo: Path) -> Path:
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_the_srun_variant_runs_one_rank_per_task_with_the_checkouts_python(slurm_cluster, tmp_path):
-    expected = make_corpus(tmp_path / "in", 7, size=(40, 32))
-    script = installed_copy(GPUS, tmp_path / "checkout")
+def test_the_srun_variant_runs_a_rank_per_task_and_requeues_itself_ahead_of_the_time_limit(slurm_cluster, tmp_path):
+    expected = make_corpus(tmp_path / "in", 20, size=(40, 32))  # 10 shards, 5 a task
+    script = installed_copy(GPUS, tmp_path / "checkout")  # and no PYTHON: it finds the checkout's .venv
+    job = submit(slurm_cluster, script, tmp_path, "--ntasks-per-node=2", env={**PAUSED, "PYTHON": ""})
+    task_logs = [tmp_path / f"classify-{job}-{task}.log" for task in range(2)]
+    wait_for_line(task_logs[0], "test pause at shard-rename (part-00002", slurm_cluster, job)
 
-    job = submit(slurm_cluster, script, tmp_path, "--ntasks-per-node=2", env={"PYTHON": "", "PYTHONPATH": REPO})
+    # what --signal=USR1@300 does 5 minutes before the time limit: USR1 to the job step's tasks
+    slurm_cluster.run("scancel", "--signal=USR1", job)
     states = slurm_cluster.wait(job, timeout=120)
 
     log = (tmp_path / f"classify-{job}.log").read_text()
-    task_logs = [(tmp_path / f"classify-{job}-{task}.log").read_text() for task in range(2)]
-    assert states == {job: "COMPLETED"}, log + "".join(task_logs)
+    texts = [task_log.read_text() for task_log in task_logs]
+    assert states == {job: "COMPLETED"}, log + "".join(texts)
     assert f"{tmp_path}/checkout/jobs/slurm/../../.venv/bin/python -m pipeline classify" in log
+    assert "requeueing job" in log and "restart 1" in log
+    assert "SIGUSR1 received" in texts[0] and "interrupted by SIGUSR1" in texts[0]
+    for task, text in enumerate(texts):
+        assert text.count(f"rank {task} of 2 (from srun SLURM_PROCID/SLURM_STEP_NUM_TASKS), local rank {task}") == 2
     assert_exactly_once(tmp_path / "out", expected)
-    for task, task_log in enumerate(task_logs):
-        assert f"rank {task} of 2 (from srun SLURM_PROCID/SLURM_STEP_NUM_TASKS), local rank {task}" in task_log
 
 
 def nightly(tmp_path: Path, input_dir: Path, *args: str) -> subprocess.Popen:

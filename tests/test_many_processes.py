@@ -1,7 +1,6 @@
 """Many processes, one output, on the CPU: ranks give exactly a single process's rows, one plan, per-rank resume."""
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +13,6 @@ import pytest
 from pipeline.commit import MANIFEST_NAME
 from pipeline.plan import load_plan
 from tests.conftest import REPO, make_corpus, run_pipeline
-from tests.held_image import HeldImage
 
 # Batches of 2 in shards of 2: every batch is one shard, so a rank's batches are the single run's and every
 # value, logits included, must come out bit for bit the same.
@@ -55,20 +53,25 @@ def assert_exactly_once_as_single(out: Path, single: dict) -> None:
 
 
 @pytest.mark.slow
-def test_ranks_started_together_write_what_one_process_writes(corpus, tmp_path):
+def test_ranks_started_together_then_one_process_finishes_what_a_missing_rank_left(corpus, tmp_path):
     input_dir, single = corpus
-    logs = [tmp_path / f"rank{rank}.log" for rank in range(3)]
+    out = tmp_path / "out"
+    logs = {rank: tmp_path / f"rank{rank}.log" for rank in (0, 2)}
 
-    ranks = [start(input_dir, tmp_path / "out", "--rank", str(rank), "--world-size", "3", log=logs[rank])
-             for rank in range(3)]
-    codes = [rank.wait(timeout=120) for rank in ranks]
+    ranks = [start(input_dir, out, "--rank", str(rank), "--world-size", "3", log=log) for rank, log in logs.items()]
+    codes = [rank.wait(timeout=120) for rank in ranks]  # rank 1 never ran (say its array task failed)
+    unfinished = run_pipeline("finalize", str(out), check=False)
+    last = run_pipeline("classify", str(input_dir), str(out), *OPTIONS)  # one process: world size 1
 
-    texts = [log.read_text() for log in logs]
-    assert codes == [0, 0, 0], texts
-    assert_exactly_once_as_single(tmp_path / "out", single)
+    texts = [log.read_text() for log in logs.values()]
+    assert codes == [0, 0], texts
     assert sum(text.count("planned 12 images in 6 shards") for text in texts) == 1, "one process planned"
-    assert sum(text.count(f"published {MANIFEST_NAME}") for text in texts) == 1
     assert all(text.count("classifying 4 images (2 shards)") == 1 for text in texts)
+    assert any("2 of 6 shards are not committed yet (shards 1, 4)" in text for text in texts), "the later one"
+    assert unfinished.returncode == 10 and "(shards 1, 4)" in unfinished.stderr
+    assert "classifying 4 images (2 shards) on cpu with 0 workers, 8 already committed" in last.stderr
+    assert f"published {MANIFEST_NAME}" in last.stderr
+    assert_exactly_once_as_single(out, single)
 
 
 @pytest.mark.slow
@@ -84,6 +87,7 @@ def test_torchrun_on_the_cpu(corpus, tmp_path):
 
     assert result.returncode == 0, result.stderr
     assert "rank 1 of 2 (from torchrun RANK/WORLD_SIZE)" in result.stderr
+    assert result.stderr.count(f"published {MANIFEST_NAME}") == 1, "the last rank to commit publishes it, once"
     assert_exactly_once_as_single(tmp_path / "out", single)
 
 
@@ -95,33 +99,29 @@ def committed_shards(out: Path) -> dict[str, tuple[int, int]]:
 @pytest.mark.slow
 def test_a_killed_rank_redoes_only_its_own_unfinished_shards(corpus, tmp_path):
     input_dir, single = corpus
-    shutil.copytree(input_dir, tmp_path / "in", symlinks=True)
-    held_path = single["path"][10]  # in shard 5, rank 1's last: it waits there with shard 1 committed
-    image = shutil.move(tmp_path / "in" / held_path, tmp_path / "held.img")
-    held = HeldImage(tmp_path / "in" / held_path, Path(image))
     out = tmp_path / "out"
-    try:
-        rank0 = start(tmp_path / "in", out, "--rank", "0", "--world-size", "2", log=tmp_path / "rank0.log")
-        rank1 = start(tmp_path / "in", out, "--rank", "1", "--world-size", "2", log=tmp_path / "killed.log")
-        deadline = time.monotonic() + 60
-        while not list(out.glob("_shards/part-00001-*.json")):
-            assert time.monotonic() < deadline and rank1.poll() is None, (tmp_path / "killed.log").read_text()
-            time.sleep(0.01)
-        rank1.send_signal(signal.SIGKILL)
-        rank1.wait()
-        assert rank0.wait(timeout=60) == 0
-        before = committed_shards(out)
-        assert sorted(name[:10] for name in before) == ["part-00000", "part-00001", "part-00002", "part-00004"]
-        assert not (out / MANIFEST_NAME).exists()
+    hold = {"PIPELINE_TEST_PAUSE": "shard-rename@2", "PIPELINE_TEST_PAUSE_S": "60"}  # its 2nd commit waits there
+    rank0 = start(input_dir, out, "--rank", "0", "--world-size", "2", log=tmp_path / "rank0.log")
+    rank1 = start(input_dir, out, "--rank", "1", "--world-size", "2", log=tmp_path / "killed.log", env=hold)
+    deadline = time.monotonic() + 60
+    while "test pause at shard-rename" not in (tmp_path / "killed.log").read_text():
+        assert time.monotonic() < deadline and rank1.poll() is None, (tmp_path / "killed.log").read_text()
+        time.sleep(0.01)
+    rank1.send_signal(signal.SIGKILL)  # inside a commit: its shard is written, fsynced, not yet renamed
+    rank1.wait()
+    assert rank0.wait(timeout=60) == 0
+    before = committed_shards(out)
+    left = [shard for shard in (1, 3, 5) if not any(name.startswith(f"part-{shard:05d}") for name in before)]
+    assert sorted(name[:10] for name in before if int(name[5:10]) % 2 == 0) == [
+        "part-00000", "part-00002", "part-00004"], "rank 0 did its share"
+    assert 1 <= len(left) <= 2 and not (out / MANIFEST_NAME).exists(), "rank 1 was killed with work left"
+    assert list(out.glob(".part-*.tmp")), "the killed commit left its temp file"
 
-        held.feed()
-        resumed = run_pipeline("classify", str(tmp_path / "in"), str(out), *OPTIONS, "--rank", "1",
-                               "--world-size", "2")
-    finally:
-        held.close()
+    resumed = run_pipeline("classify", str(input_dir), str(out), *OPTIONS, "--rank", "1", "--world-size", "2")
 
-    assert "classifying 4 images (2 shards)" in resumed.stderr, "shards 3 and 5 only"
+    assert f"classifying {2 * len(left)} images ({len(left)} shards)" in resumed.stderr, "its unfinished ones only"
     after = committed_shards(out)
     assert {name: after[name] for name in before} == before, "committed shards untouched, rank 0's and its own"
+    assert not list(out.glob(".part-*.tmp")), "its own temp files removed"
     assert f"published {MANIFEST_NAME}" in resumed.stderr
     assert_exactly_once_as_single(out, single)
