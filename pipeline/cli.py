@@ -30,6 +30,7 @@ class Exit(IntEnum):
     LOCKED = 73  # another run is writing this OUTPUT (EX_CANTCREAT): the message names it
     WRITE_FAILED = 74  # disk full or I/O error writing OUTPUT (EX_IOERR): nothing partial visible; fix, rerun
     INTERRUPTED = 75  # SIGTERM, SIGINT or SIGUSR1 (EX_TEMPFAIL): committed shards kept; rerun the same command
+    UNFINISHED = 10  # finalize: not every shard is committed yet (the message names them): rerun their ranks
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -93,6 +94,11 @@ def main() -> None:
 @click.option("--max-error-rate", type=click.FloatRange(0, 1), default=DEFAULT_MAX_ERROR_RATE, show_default=True,
               help=f"Largest share of error rows that still exits 0; above it every row is still committed but "
                    f"the exit code is {Exit.TOO_MANY_ERRORS.value}.")
+@click.option("--rank", type=click.IntRange(min=0), default=None,
+              help="This process's share of the work: the shards k with k % WORLD_SIZE == RANK [default: from "
+                   "SLURM_ARRAY_TASK_ID, srun's SLURM_PROCID or torchrun's RANK, else 0].")
+@click.option("--world-size", type=click.IntRange(min=1), default=None,
+              help="How many processes share OUTPUT [default: from the Slurm array, srun or torchrun, else 1].")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def classify(input_dir: Path, output_dir: Path, verbose: bool, **options) -> None:
     """Classify every image under INPUT into Parquet shards in OUTPUT.
@@ -107,12 +113,13 @@ def classify(input_dir: Path, output_dir: Path, verbose: bool, **options) -> Non
     from pipeline.lock import Locked, LockError
     from pipeline.model import WeightsError
     from pipeline.plan import InputError
+    from pipeline.ranks import RankError
     from pipeline.stop import Interrupted
 
     config = Config(input_dir=input_dir, output_dir=output_dir, **options)
     try:
         summary = runner.run(config)
-    except (InputError, WeightsError, LayoutError, runner.PlanMismatch, LockError) as error:
+    except (InputError, WeightsError, LayoutError, RankError, runner.PlanMismatch, LockError) as error:
         _logger.error("%s", error)
         sys.exit(Exit.USAGE)
     except Locked as error:
@@ -170,3 +177,28 @@ def verify(output_dir: Path, verbose: bool) -> None:
     for line in report.lines():
         click.echo(line)
     sys.exit(report.exit_code)
+
+
+@main.command()
+@click.argument("output_dir", metavar="OUTPUT", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--partition", multiple=True, callback=_partitions, metavar="KEY=VALUE",
+              help="The --partition of the classify run (repeat for nested keys).")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def finalize(output_dir: Path, partition: tuple[tuple[str, str], ...], verbose: bool) -> None:
+    """Publish OUTPUT's _SUCCESS manifest if every shard is committed (whichever processes committed them).
+
+    Run it as a job that depends on a multi-process run (sbatch --dependency=afterok:JOBID). It only reads
+    the shards, so it is safe at any time. Exit 0: finished; 10: shards are missing (named), rerun their ranks.
+    """
+    _setup_logging(verbose)
+    from pipeline.finish import NotStarted, finalize
+
+    try:
+        plan, ended = finalize(output_dir, partition)
+    except NotStarted as error:
+        _logger.error("%s", error)
+        sys.exit(Exit.USAGE)
+    if not ended.finished:
+        _logger.error("%s", ended.line(plan))
+        sys.exit(Exit.UNFINISHED)
+    _logger.info("%s", ended.line(plan))

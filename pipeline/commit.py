@@ -27,8 +27,13 @@ def shard_name(plan: Plan, shard: int) -> str:
     return f"part-{shard:05d}-{plan.run_id}.parquet"
 
 
+def file_names(plan: Plan, shard: int) -> tuple[str, str]:
+    """The names a shard is published under: its Parquet file and its record."""
+    return shard_name(plan, shard), f"{shard_name(plan, shard)}.json"
+
+
 def _record_path(output_dir: Path, plan: Plan, shard: int) -> Path:
-    return output_dir / RECORDS_DIR / f"{shard_name(plan, shard)}.json"
+    return output_dir / RECORDS_DIR / file_names(plan, shard)[1]
 
 
 def _record(plan: Plan, shard: int, data: bytes, status_counts: dict[str, int],
@@ -132,9 +137,11 @@ def manifest_is_readable(output_dir: Path) -> bool:
         return False
 
 
-def write_manifest(output_dir: Path, plan: Plan, records: dict[int, dict], run_facts: dict) -> dict:
+def write_manifest(output_dir: Path, plan: Plan, records: dict[int, dict], run_facts: dict,
+                   exclusive: bool = False) -> dict | None:
     """_SUCCESS, written last: every shard's file, rows, bytes and sha256, the totals, schema version,
-    fingerprints of model and input, and the run's counts. Deterministic: the same records give the same bytes."""
+    fingerprints of model and input, and the run's counts. Deterministic: the same records give the same bytes.
+    With exclusive, an existing _SUCCESS is kept and None returned (another process published it)."""
     shards = [records[shard] for shard in range(plan.shard_count)]
     counts: Counter[str] = Counter()
     causes: Counter[str] = Counter()
@@ -153,5 +160,5 @@ def write_manifest(output_dir: Path, plan: Plan, records: dict[int, dict], run_f
         "error_counts": dict(sorted(causes.items())),
         "shards": shards,
     }
-    durable_publish(output_dir / MANIFEST_NAME, json.dumps(manifest, indent=1, sort_keys=True).encode())
-    return manifest
+    data = json.dumps(manifest, indent=1, sort_keys=True).encode()
+    return manifest if durable_publish(output_dir / MANIFEST_NAME, data, exclusive=exclusive) else None

@@ -45,6 +45,9 @@ class Config:
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # larger images are error rows, refused from the header
     max_error_rate: float = DEFAULT_MAX_ERROR_RATE  # a higher share of error rows: every row is committed, but
     #   the process exits 3 (TOO_MANY_ERRORS) so that cron and Slurm raise an alert
+    rank: int | None = None  # --rank: this process's share of the plan is the shards k with k % world_size == rank;
+    #   None: from Slurm or torchrun variables (pipeline.ranks), else 0
+    world_size: int | None = None  # --world-size: how many processes share the plan; None: as rank
 
     @property
     def run_dir(self) -> Path:

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from pathlib import Path
 
 from pipeline import faults
 
-_TEMP = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.tmp")
+# The host as well as the pid: processes on two hosts (containers, say) can have the same pid and publish the same
+# file (the plan, _SUCCESS) into a shared OUTPUT at the same moment; one temp file for both would mix their bytes.
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+_TEMP = re.compile(r"\.(?P<name>.+)\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.tmp")
 
 
 class WriteError(Exception):
@@ -22,7 +26,7 @@ class WriteError(Exception):
 
 def temp_name(path: Path) -> Path:
     """The hidden name a file is written under before it is published; no reader's glob matches it."""
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    return path.with_name(f".{path.name}.{_HOST}.{os.getpid()}.tmp")
 
 
 def published_name(temp: str) -> str | None:

@@ -2,6 +2,7 @@
 
 PIPELINE_TEST_PAUSE=shard-write,manifest-rename  sleep PIPELINE_TEST_PAUSE_S seconds (default 0.5) at those points,
                                                  logging a line first, so that a test can kill the run there
+PIPELINE_TEST_PAUSE=shard-rename@2               only the 2nd time that point is reached (a run held mid-way)
 PIPELINE_TEST_FAIL=shard-fsync@3                 raise EIO at the 3rd time that point is reached (default: the 1st)
 
 A point is KIND-STEP: KIND is what is written (shard, record, manifest, plan, file), STEP is write (half the bytes
@@ -20,7 +21,9 @@ from pathlib import Path
 
 _logger = logging.getLogger(__name__)
 
-_PAUSE = frozenset(filter(None, os.environ.get("PIPELINE_TEST_PAUSE", "").split(",")))
+_PAUSE = {point: int(at or 0)  # 0: every time
+          for point, _, at in (entry.partition("@") for entry in os.environ.get("PIPELINE_TEST_PAUSE", "").split(","))
+          if point}
 _PAUSE_S = float(os.environ.get("PIPELINE_TEST_PAUSE_S", "0.5"))
 _FAIL_POINT, _, _FAIL_AT = os.environ.get("PIPELINE_TEST_FAIL", "").partition("@")
 _reached: Counter[str] = Counter()
@@ -41,7 +44,7 @@ def at(step: str, path: Path) -> None:
         return
     point = f"{kind(path)}-{step}"
     _reached[point] += 1
-    if point in _PAUSE:
+    if _PAUSE.get(point) in (0, _reached[point]):
         _logger.warning("test pause at %s (%s) for %.2f s", point, path.name, _PAUSE_S)
         time.sleep(_PAUSE_S)
     if point == _FAIL_POINT and _reached[point] == int(_FAIL_AT or 1):

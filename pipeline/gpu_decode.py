@@ -129,6 +129,7 @@ def decode_ahead(batches: Iterable[Batch], decoder: GpuDecoder, threads: int = 2
 
     def decode(batch: Batch) -> tuple[Batch, torch.Tensor, int, torch.cuda.Event]:
         if not hasattr(streams, "stream"):
+            torch.cuda.set_device(decoder.device)  # a new thread starts on GPU 0, whatever the main thread uses
             streams.stream = torch.cuda.Stream(decoder.device)
         with torch.cuda.stream(streams.stream):
             rows, count = decoder.images(batch)

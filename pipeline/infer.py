@@ -17,12 +17,17 @@ from pipeline.gpu_decode import GpuDecoder, decode_ahead
 _logger = logging.getLogger(__name__)
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """The device of this process: on a GPU, the local rank's (local_rank % visible GPUs), made the current one."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for but no CUDA GPU is visible: use --device cpu or auto")
-    return torch.device(name)
+    if name != "cuda":
+        return torch.device(name)
+    device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    torch.cuda.set_device(device)  # before any CUDA work: streams, events and pinned memory of this thread use it
+    return device
 
 
 @dataclass
@@ -99,7 +104,7 @@ class Classifier:
             return batch, outputs, None
         host = tuple(t.to("cpu", non_blocking=True) for t in outputs)
         done = torch.cuda.Event()
-        done.record()
+        done.record(torch.cuda.current_stream(self.device))
         return batch, host, done
 
     def _collect(self, batch: Batch, outputs, done) -> Scored:

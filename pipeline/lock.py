@@ -49,8 +49,9 @@ def _describe_holder(fd: int) -> str:
 
 
 @contextmanager
-def acquire(output_dir: Path, name: str = "output", shared: bool = False) -> Iterator[Path]:
-    """Hold OUTPUT/_locks/NAME.lock for the duration, or raise Locked at once naming the holder.
+def acquire(output_dir: Path, name: str = "output", shared: bool = False, wait: bool = False) -> Iterator[Path]:
+    """Hold OUTPUT/_locks/NAME.lock for the duration, or raise Locked at once naming the holder (with `wait`,
+    block until the holder lets go instead).
 
     Exclusive by default: one writer per output. `shared` holders (for example the ranks of one multi-process run)
     exclude exclusive ones but not each other; each rank can then hold its own exclusive lock by another name.
@@ -61,7 +62,7 @@ def acquire(output_dir: Path, name: str = "output", shared: bool = False) -> Ite
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
-            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             raise Locked(
                 f"{output_dir} is being written by {_describe_holder(fd)}: wait for that run to end or stop it, "
@@ -84,3 +85,18 @@ def acquire(output_dir: Path, name: str = "output", shared: bool = False) -> Ite
         yield path
     finally:
         os.close(fd)  # releases the lock
+
+
+def held(output_dir: Path, name: str) -> bool:
+    """Whether a live process holds OUTPUT/_locks/NAME.lock, shared or exclusive (a moment's exclusive try)."""
+    try:
+        fd = os.open(lock_path(output_dir, name), os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False

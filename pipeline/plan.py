@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.ipc
 
+from pipeline import lock
 from pipeline.durable import durable_publish
 
 _logger = logging.getLogger(__name__)
@@ -141,6 +143,26 @@ def save_plan(plan: Plan, output_dir: Path) -> bool:
     with pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
     return durable_publish(output_dir / PLAN_NAME, sink.getvalue().to_pybytes(), exclusive=True)
+
+
+def open_plan(output_dir: Path, make: Callable[[], Plan]) -> tuple[Plan, bool]:
+    """The saved plan of output_dir, or else make()'s, published: (plan, True when this process published it).
+
+    However many processes open the same output at once, one of them lists and plans while the others wait on
+    the `plan` lock (no rank lists a million files for nothing), and exactly one plan is published (save_plan's
+    exclusive link, which holds even where the lock only excludes processes of one host); all get that one.
+    """
+    saved = load_plan(output_dir)
+    if saved is not None:
+        return saved, False
+    with lock.acquire(output_dir, "plan", wait=True):  # released by the kernel if the planner dies
+        saved = load_plan(output_dir)
+        if saved is not None:
+            return saved, False
+        fresh = make()
+        if save_plan(fresh, output_dir):
+            return fresh, True
+    return load_plan(output_dir), False  # published by a process the lock did not exclude
 
 
 def load_facts(output_dir: Path) -> dict | None:

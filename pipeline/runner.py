@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import platform
 import time
 from collections import Counter
@@ -14,7 +16,7 @@ import pyarrow as pa
 import torch
 import torchvision
 
-from pipeline import commit, decode, failures, guard, infer, layout, leftovers, lock, model, plan, stop
+from pipeline import commit, decode, failures, finish, guard, infer, layout, leftovers, model, plan, ranks, stop
 from pipeline.config import DEFAULT_SHARD_SIZE, Config
 from pipeline.gpu_decode import GpuDecoder
 from pipeline.progress import Progress, Waiting
@@ -29,7 +31,7 @@ class PlanMismatch(Exception):
 
 @dataclass
 class Summary:
-    images: int  # rows of the plan: every image, ok or error
+    images: int  # rows of this process's shards (a single process: the whole plan), every image, ok or error
     ok: int
     errors: int
     seconds: float  # wall time of the run, from the runner's start
@@ -63,16 +65,17 @@ class Summary:
 
 def _open_plan(config: Config, identity: dict) -> plan.Plan:
     """The output's plan: the saved one when resuming (checked against identity), else a new one."""
-    saved = plan.load_plan(config.run_dir)
-    if saved is None:
+
+    def fresh() -> plan.Plan:
         layout.check_no_unfinished_twin(config.output_dir, config.partition, identity)
         listing = plan.list_images(config.input_dir)
-        fresh = plan.new_plan(listing, config.shard_size or DEFAULT_SHARD_SIZE, identity)
-        if plan.save_plan(fresh, config.run_dir):
-            _logger.info("planned %d images in %d shards (%d other files ignored), run id %s",
-                         len(listing.paths), fresh.shard_count, listing.ignored, fresh.run_id)
-            return fresh
-        saved = plan.load_plan(config.run_dir)  # another process planned first
+        return plan.new_plan(listing, config.shard_size or DEFAULT_SHARD_SIZE, identity)
+
+    saved, planned = plan.open_plan(config.run_dir, fresh)  # one process plans, however many start at once
+    if planned:
+        _logger.info("planned %d images in %d shards (%d other files ignored), run id %s",
+                     len(saved.paths), saved.shard_count, saved.facts["ignored_files"], saved.run_id)
+        return saved
     for key, value in identity.items():
         if saved.facts.get(key) != value:
             raise PlanMismatch(
@@ -110,38 +113,53 @@ def _summary(records: dict[int, dict], total: int, started: float, images_this_r
                    max_error_rate=config.max_error_rate)
 
 
+def _finish(out: Path, the_plan: plan.Plan, rank: ranks.Rank) -> None:
+    """Publish _SUCCESS when every shard is committed, whichever process committed them."""
+    ended = finish.finish(out, the_plan)
+    if not ended.finished and rank.world_size == 1:
+        raise RuntimeError(f"every shard was committed but {ended.line(the_plan)}: run the same command again")
+    _logger.info("%s", ended.line(the_plan))
+
+
 def run(config: Config) -> Summary:
-    """Classify what is not yet committed, holding the run folder's lock; a stop signal raises stop.Interrupted."""
+    """Classify what is not yet committed (this rank's share), holding the run folder's locks (ranks.hold); a stop
+    signal raises stop.Interrupted."""
     started = time.monotonic()
+    rank = ranks.detect(os.environ, config.rank, config.world_size)
+    if rank.world_size > 1:
+        _logger.info("this process is %s", rank.describe())
     plan.check_input(config.input_dir)
     layout.check_layout(config.output_dir, config.partition)
     out = config.run_dir  # OUTPUT, or its partition folder: shards, plan, records and manifest all live here
     out.mkdir(parents=True, exist_ok=True)
-    with lock.acquire(out), stop.on_signals() as stopping:
-        leftovers.remove_temp_files(out)  # we are the only writer here: every temp file is a dead run's
-        return _run(config, out, stopping, started)
+    with ranks.hold(out, rank), stop.on_signals() as stopping:
+        if rank.world_size == 1:
+            leftovers.remove_temp_files(out)  # we are the only writer here: every temp file is a dead run's
+        return _run(config, out, rank, stopping, started)
 
 
-def _run(config: Config, out: Path, stopping: stop.Stop, started: float) -> Summary:
+def _run(config: Config, out: Path, rank: ranks.Rank, stopping: stop.Stop, started: float) -> Summary:
     source = model.resolve_weights(config.weights, config.seed)
     identity = {"input_dir": str(config.input_dir.resolve()), **source.facts(),
                 "schema_version": SCHEMA_VERSION, "logits": config.logits}
     the_plan = _open_plan(config, identity)
-    shards = list(range(the_plan.shard_count))
+    shards = rank.shards(the_plan.shard_count)  # all of them for a single process
+    if rank.world_size > 1:  # other ranks write beside us: only the temp files of our own shards are a dead run's
+        leftovers.remove_temp_files(out, {name for shard in shards for name in commit.file_names(the_plan, shard)})
     records = commit.committed_records(out, the_plan, shards)
     pending = [shard for shard in shards if shard not in records]
+    rows = sum(len(the_plan.shard_range(shard)) for shard in shards)
 
     net = model.build_model(source)
     names = model.class_names(net.fc.out_features, config.labels)
     transforms = model.preprocessing_transforms()
     run_facts = _run_facts(the_plan, net, transforms, config)
     if not pending:
-        if not commit.manifest_is_readable(out):
-            commit.write_manifest(out, the_plan, records, run_facts)
         _logger.info("nothing to do: all %d shards are committed", len(shards))
-        return _summary(records, len(the_plan.paths), started, 0, config)
+        _finish(out, the_plan, rank)
+        return _summary(records, rows, started, 0, config)
 
-    device = infer.pick_device(config.device)
+    device = infer.pick_device(config.device, rank.local_rank)
     preprocess = decode.Preprocess.from_transforms(transforms)
     gpu = device.type == "cuda"
     indices = [index for shard in pending for index in the_plan.shard_range(shard)]
@@ -154,10 +172,11 @@ def _run(config: Config, out: Path, stopping: stop.Stop, started: float) -> Summ
     decoder = GpuDecoder(device, preprocess, config.batch_size, dtype) if gpu else None
     classifier = infer.Classifier(net, device, transforms.mean, transforms.std, config.topk, dtype, decoder)
     _logger.info("classifying %d images (%d shards) on %s with %d workers, %d already committed",
-                 len(indices), len(pending), device, config.workers, len(the_plan.paths) - len(indices))
+                 len(indices), len(pending), device, config.workers, rows - len(indices))
 
-    writer = ShardWriter(out, the_plan, names, {**run_facts, "config": config.to_json()}, config.logits)
-    progress = Progress(len(the_plan.paths), len(the_plan.paths) - len(indices), config.progress, config.log_every_s)
+    metadata = {**run_facts, "config": config.to_json(), "rank": dataclasses.asdict(rank)}
+    writer = ShardWriter(out, the_plan, names, metadata, config.logits)
+    progress = Progress(rows, rows - len(indices), config.progress, config.log_every_s)
     reading = Waiting()
     try:
         for scored in classifier.score(reading.wrap(batches)):
@@ -168,8 +187,8 @@ def _run(config: Config, out: Path, stopping: stop.Stop, started: float) -> Summ
         progress.close()
     records.update(writer.committed)
     stopping.check(len(records), len(shards))
-    commit.write_manifest(out, the_plan, records, run_facts)
-    summary = _summary(records, len(the_plan.paths), started, progress.images_this_run, config)
+    _finish(out, the_plan, rank)
+    summary = _summary(records, rows, started, progress.images_this_run, config)
     summary.steady_seconds = time.monotonic() - (classifier.first_launch or started)
     _logger.info("waited %.1f s of %.1f s for decoded batches from the workers", reading.seconds,
                  summary.steady_seconds)

@@ -2,13 +2,14 @@
 a full disk or a failed fsync ends a real run with exit 74 and the run resumes."""
 
 import errno
+import os
 import re
 import subprocess
 
 import pyarrow.dataset as ds
 import pytest
 
-from pipeline import faults
+from pipeline import durable, faults
 from pipeline.durable import WriteError, durable_publish, published_name, temp_name
 from pipeline.verify import Check, verify_output
 from tests.conftest import make_corpus, run_pipeline
@@ -19,6 +20,16 @@ def test_temp_names_map_back_to_the_published_name(tmp_path):
     assert temp.name.startswith(".part-00001-abc.parquet.") and temp.name.endswith(".tmp")
     assert published_name(temp.name) == "part-00001-abc.parquet"
     assert published_name("part-00001-abc.parquet") is None and published_name(".hidden") is None
+
+
+def test_temp_names_differ_between_hosts_as_well_as_processes(tmp_path, monkeypatch):
+    mine = temp_name(tmp_path / "_plan.arrow")
+    monkeypatch.setattr(durable, "_HOST", "node-0042")  # another host, where the same pid can run
+    theirs = temp_name(tmp_path / "_plan.arrow")
+
+    assert mine != theirs and theirs.name == f"._plan.arrow.node-0042.{os.getpid()}.tmp"
+    assert published_name(mine.name) == published_name(theirs.name) == "_plan.arrow"
+    assert published_name("._shards.part-1.parquet.json.a-b.12.tmp") == "_shards.part-1.parquet.json"
 
 
 @pytest.mark.parametrize("step", ["write", "fsync", "rename"])
@@ -35,6 +46,22 @@ def test_a_failed_write_or_fsync_names_the_path_and_leaves_nothing(tmp_path, mon
     assert raised.value.__cause__.errno == errno.EIO
     assert list(tmp_path.iterdir()) == [], "no temp file and no published file"
     assert faults._reached[f"shard-{step}"] == 1, "the failed step is not retried"
+
+
+def test_a_pause_can_be_aimed_at_one_occurrence_of_a_point(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(faults, "_PAUSE", {"shard-rename": 2, "record-write": 0})
+    monkeypatch.setattr(faults, "_PAUSE_S", 0.0)
+    monkeypatch.setattr(faults, "_reached", faults.Counter())
+
+    (tmp_path / "_shards").mkdir()
+    for shard in range(3):
+        durable_publish(tmp_path / f"part-0000{shard}-run.parquet", b"x")
+        durable_publish(tmp_path / "_shards" / f"part-0000{shard}-run.parquet.json", b"{}")
+
+    paused = [record.getMessage() for record in caplog.records if "test pause" in record.getMessage()]
+    assert [line.split(" (")[0] for line in paused] == ["test pause at record-write", "test pause at shard-rename",
+                                                       "test pause at record-write", "test pause at record-write"]
+    assert "(part-00001-run.parquet)" in paused[1]
 
 
 def test_a_failure_after_publication_leaves_the_whole_file(tmp_path, monkeypatch):

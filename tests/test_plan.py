@@ -2,11 +2,13 @@
 
 import hashlib
 import os
+import subprocess
+import sys
 
 import pytest
 
 from pipeline.plan import InputError, Listing, list_images, load_facts, load_plan, new_plan, save_plan
-from tests.conftest import write_image
+from tests.conftest import REPO, write_image
 
 
 def test_lists_every_image_recursively_sorted_and_counts_the_rest(tmp_path):
@@ -110,3 +112,36 @@ def test_an_unreadable_folder_is_refused_with_the_fix(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "scandir", scandir)
     with pytest.raises(InputError, match=r"cannot list folder .*locked \(Permission denied\): make it readable"):
         list_images(tmp_path)
+
+
+# Each racer gets past its imports, says so, and spins until the go file appears: then all of them open the output
+# within a millisecond or so of each other, as the ranks of a Slurm array or torchrun do.
+PLAN_RACER = """
+import sys, time
+from pathlib import Path
+from pipeline.plan import list_images, new_plan, open_plan
+input_dir, output_dir, go = map(Path, sys.argv[1:])
+print("ready", flush=True)
+while not go.exists():
+    time.sleep(0.0005)
+plan, planned = open_plan(output_dir, lambda: new_plan(list_images(input_dir), 2, {"input_dir": str(input_dir)}))
+print(plan.run_id, planned, flush=True)
+"""
+
+
+def test_processes_opening_an_output_at_the_same_instant_get_one_plan(tmp_path):
+    for i in range(20):
+        write_image(tmp_path / "in" / f"{i:02d}.png", i, size=(8, 8))
+    (tmp_path / "out").mkdir()
+    racers = [subprocess.Popen([sys.executable, "-c", PLAN_RACER, str(tmp_path / "in"), str(tmp_path / "out"),
+                                str(tmp_path / "go")], env={**os.environ, "PYTHONPATH": str(REPO)},
+                               stdout=subprocess.PIPE, text=True) for _ in range(6)]
+    for racer in racers:
+        assert racer.stdout.readline() == "ready\n"
+
+    (tmp_path / "go").touch()
+    outcomes = [racer.communicate(timeout=60)[0].split() for racer in racers]
+
+    saved = load_plan(tmp_path / "out")
+    assert sorted(outcomes) == [[saved.run_id, "False"]] * 5 + [[saved.run_id, "True"]]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["_locks", "_plan.arrow"], "no temp file left"

@@ -1,0 +1,150 @@
+"""Finishing a shared run: _SUCCESS once every shard is committed, exactly once, the same bytes whoever writes it."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pyarrow as pa
+import pytest
+
+from pipeline.commit import MANIFEST_NAME, RECORDS_DIR, commit_shard, shard_name
+from pipeline.finish import committed, finish
+from pipeline.plan import Listing, load_plan, new_plan, save_plan
+from pipeline.writer import encode_shard, rows, with_run_columns
+from tests.conftest import REPO, run_pipeline
+from tests.test_writer import NAMES, _scored
+
+FACTS = {"schema_version": 2, "model": "torchvision.models.resnet18", "weights_sha256": "ab" * 32}
+
+
+def _planned(out, images=7, shard_size=2):
+    out.mkdir(exist_ok=True)
+    plan = new_plan(Listing([f"{i}.png" for i in range(images)], 0), shard_size, {"input_dir": "/in"})
+    assert save_plan(plan, out)
+    return plan
+
+
+def _commit(out, plan, shard, rank=0):
+    """Commit one shard as rank `rank` would: its metadata holds the run facts plus this process's own."""
+    indices = list(plan.shard_range(shard))
+    table = rows(_scored(indices, [None] * len(indices)), plan.paths, pa.array(NAMES))
+    table = with_run_columns(table, plan.run_id, plan.facts["created_at"])
+    metadata = {**plan.facts, **FACTS, "config": {"rank": rank}, "rank": {"rank": rank}}
+    commit_shard(out, plan, shard, encode_shard(table, metadata), {"ok": len(indices)})
+
+
+def test_nothing_is_published_or_touched_until_every_shard_is_committed(tmp_path):
+    plan = _planned(tmp_path)
+    for shard in (0, 1, 3):
+        _commit(tmp_path, plan, shard)
+    _commit(tmp_path, plan, 2)
+    (tmp_path / RECORDS_DIR / f"{shard_name(plan, 2)}.json").unlink()  # its rank was killed before the record
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in tmp_path.rglob("*"))
+
+    ended = finish(tmp_path, plan)
+
+    assert (ended.published, ended.finished, ended.missing) == (False, False, [2])
+    assert "1 of 4 shards are not committed yet (shards 2)" in ended.line(plan)
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in tmp_path.rglob("*")) == before, "a check only reads"
+
+
+def test_the_manifest_is_the_same_whoever_writes_it_and_published_once(tmp_path):
+    plan = _planned(tmp_path)
+    for shard in range(plan.shard_count):
+        _commit(tmp_path, plan, shard, rank=shard % 2)  # two ranks, each with its own per-process metadata
+
+    first = finish(tmp_path, plan)
+    data = (tmp_path / MANIFEST_NAME).read_bytes()
+    second = finish(tmp_path, plan)
+
+    assert (first.published, first.finished) == (True, True)
+    assert (second.published, second.finished) == (False, True)
+    assert (tmp_path / MANIFEST_NAME).read_bytes() == data
+    manifest = json.loads(data)
+    assert manifest["rows"] == 7 and [s["shard"] for s in manifest["shards"]] == [0, 1, 2, 3]
+    assert manifest["run"] == {**plan.facts, **FACTS}, "per-process facts (config, rank) stay out"
+    (tmp_path / MANIFEST_NAME).unlink()  # computed again by another process from the same files: the same bytes
+    assert finish(tmp_path, load_plan(tmp_path)).published and (tmp_path / MANIFEST_NAME).read_bytes() == data
+
+
+def test_an_unreadable_manifest_is_rewritten(tmp_path):
+    plan = _planned(tmp_path, images=3)
+    for shard in range(plan.shard_count):
+        _commit(tmp_path, plan, shard)
+    (tmp_path / MANIFEST_NAME).write_bytes(b'{"rows": 3, "sh')  # a torn copy made by hand
+
+    assert finish(tmp_path, plan).published
+    assert json.loads((tmp_path / MANIFEST_NAME).read_bytes())["rows"] == 3
+
+
+# Each racer loads the plan, says it is ready, then spins until the go file appears: they check and publish
+# within a millisecond or so of each other.
+RACER = """
+import sys, time
+from pathlib import Path
+from pipeline.finish import finish
+from pipeline.plan import load_plan
+out, go = Path(sys.argv[1]), Path(sys.argv[2])
+plan = load_plan(out)
+print("ready", flush=True)
+while not go.exists():
+    time.sleep(0.0005)
+print(finish(out, plan).published, flush=True)
+"""
+
+
+def start_racers(count, *args):
+    """count processes running RACER, each past its imports and waiting for the go file."""
+    racers = [subprocess.Popen([sys.executable, "-c", RACER, *map(str, args)], stdout=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": str(REPO)}) for _ in range(count)]
+    for racer in racers:
+        assert racer.stdout.readline() == "ready\n"
+    return racers
+
+
+def test_ranks_finishing_at_the_same_instant_publish_the_manifest_exactly_once(tmp_path):
+    plan = _planned(tmp_path / "out")
+    for shard in range(plan.shard_count):
+        _commit(tmp_path / "out", plan, shard)
+    racers = start_racers(6, tmp_path / "out", tmp_path / "go")
+
+    (tmp_path / "go").touch()
+    outcomes = [racer.communicate(timeout=60)[0] for racer in racers]
+
+    assert sorted(outcomes) == ["False\n"] * 5 + ["True\n"]
+    assert json.loads((tmp_path / "out" / MANIFEST_NAME).read_bytes())["files"] == 4
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_committed_lists_what_is_missing_without_repairing(tmp_path):
+    plan = _planned(tmp_path, images=4)
+    _commit(tmp_path, plan, 1)
+    shard = tmp_path / shard_name(plan, 1)
+    shard.write_bytes(shard.read_bytes() + b"x")  # its size no longer matches its record
+
+    records, missing = committed(tmp_path, plan)
+
+    assert records == {} and missing == [0, 1]
+    assert shard.exists(), "only the shard's own rank may remove it"
+
+
+@pytest.mark.slow
+def test_finalize_command_names_missing_shards_then_publishes(tmp_path):
+    plan = _planned(tmp_path / "out")
+    _commit(tmp_path / "out", plan, 0)
+    _commit(tmp_path / "out", plan, 2)
+
+    unfinished = run_pipeline("finalize", str(tmp_path / "out"), check=False)
+    for shard in (1, 3):
+        _commit(tmp_path / "out", plan, shard)
+    done = run_pipeline("finalize", str(tmp_path / "out"), check=False)
+    manifest = (tmp_path / "out" / MANIFEST_NAME).read_bytes()
+    again = run_pipeline("finalize", str(tmp_path / "out"), check=False)
+    no_plan = run_pipeline("finalize", str(tmp_path), check=False)
+
+    assert unfinished.returncode == 10 and "2 of 4 shards are not committed yet (shards 1, 3)" in unfinished.stderr
+    assert done.returncode == 0 and f"published {MANIFEST_NAME}" in done.stderr
+    assert again.returncode == 0 and "published by another process" in again.stderr
+    assert (tmp_path / "out" / MANIFEST_NAME).read_bytes() == manifest
+    assert no_plan.returncode == 2 and "no _plan.arrow" in no_plan.stderr
