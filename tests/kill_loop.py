@@ -119,7 +119,8 @@ def one_output(input_dir: Path, output_dir: Path, options: list[str], reference:
     poller = Poller(output_dir, figures)
     output_dir.mkdir(parents=True)
     poller.start()
-    kills_here = 0
+    kills_here = finishing_kills = 0
+    process = None
     try:
         while True:
             started_before = (output_dir / "_plan.arrow").exists()
@@ -127,8 +128,9 @@ def one_output(input_dir: Path, output_dir: Path, options: list[str], reference:
             reachable = [point for point in POINTS if not (started_before and point.startswith("plan-"))
                          and not (remaining == 0 and point.startswith(("shard-", "record-")))]
             point = None
-            if kills_here < max_kills:
-                point = schedule.pop(0) if schedule else rng.choice(reachable)
+            if kills_here < max_kills and not (remaining == 0 and finishing_kills >= 1):  # one kill at the end is
+                point = schedule.pop(0) if schedule else rng.choice(reachable)  # enough: the rest go to the shards
+                finishing_kills += remaining == 0
             env = {"PIPELINE_TEST_PAUSE": point, "PIPELINE_TEST_PAUSE_S": str(PAUSE_S)} if point else {}
             log = output_dir.parent / f"{output_dir.name}-{figures.runs}.log"
             process = _start([str(input_dir), str(output_dir), *options], log, env if point != "random" else {})
@@ -155,6 +157,9 @@ def one_output(input_dir: Path, output_dir: Path, options: list[str], reference:
                 return
             break
     finally:
+        if process is not None and process.poll() is None:  # the loop itself was interrupted: leave no run behind
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
         poller.done.set()
         poller.join()
     if list(output_dir.rglob(".*.tmp")):
