@@ -51,7 +51,7 @@ class Summary:
 
     @property
     def too_many_errors(self) -> bool:
-        """More error rows than --max-error-rate allows, over the whole output."""
+        """More error rows than --max-error-rate allows, over this process's shards (a single process: all of them)."""
         return self.errors > self.max_error_rate * self.images
 
     def error_lines(self) -> list[str]:

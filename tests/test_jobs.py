@@ -73,12 +73,24 @@ def test_an_array_job_classifies_every_image_exactly_once_though_its_tasks_are_s
     out = tmp_path / "out"
     job = submit(slurm_cluster, ARRAY, tmp_path, "--array=0-1", env=PAUSED)
     logs = [tmp_path / f"classify-{job}_{task}.log" for task in range(2)]
-    wait_for_line(logs[1], "test pause at shard-rename (part-00003", slurm_cluster, job)
-    before = shard_files(out)
-    slurm_cluster.requeue(f"{job}_1")  # Slurm stops task 1 (SIGTERM, later SIGKILL) and starts it again
-    wait_for_line(logs[0], "test pause at shard-rename (part-00002", slurm_cluster, job)
-    # what --signal=B:USR1@300 does 5 minutes before the time limit: USR1 to task 0's batch script alone
-    slurm_cluster.run("scancel", "--batch", "--signal=USR1", f"{job}_0")
+    before = {}
+
+    def requeue_task_1():  # Slurm stops it (SIGTERM, later SIGKILL) and starts it again
+        before.update(shard_files(out))
+        slurm_cluster.requeue(f"{job}_1")
+
+    def stop_task_0():  # what --signal=B:USR1@300 does 5 minutes before the time limit: USR1 to the script alone
+        slurm_cluster.run("scancel", "--batch", "--signal=USR1", f"{job}_0")
+
+    actions = {0: ("part-00002", stop_task_0), 1: ("part-00003", requeue_task_1)}
+    deadline = time.monotonic() + 90
+    while actions:  # act on each task while it is held, whichever gets there first
+        for task, (shard, act) in list(actions.items()):
+            if logs[task].exists() and f"test pause at shard-rename ({shard}" in logs[task].read_text():
+                act()
+                del actions[task]
+        assert time.monotonic() < deadline, f"tasks {list(actions)} never paused: {slurm_cluster.states(job)}"
+        time.sleep(0.05)
 
     states = slurm_cluster.wait(job, timeout=120)
 

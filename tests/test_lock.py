@@ -58,14 +58,14 @@ def test_a_lock_left_by_a_killed_process_does_not_block(tmp_path):
 @pytest.mark.slow
 def test_a_concurrent_run_on_the_same_output_fails_fast_and_the_first_finishes(tmp_path):
     make_corpus(tmp_path / "in", 12, size=(40, 32))
-    args = ["classify", str(tmp_path / "in"), str(tmp_path / "out"), "--weights", "random", "--shard-size", "12",
+    args = ["classify", str(tmp_path / "in"), str(tmp_path / "out"), "--weights", "random", "--shard-size", "4",
             "--workers", "1", "--progress", "log"]
-    log = tmp_path / "first.log"  # one shard, held 20 s before its rename: the second run (a whole Python start,
-    #                               slow on a loaded 2-core CI machine) surely finds the lock held
+    log = tmp_path / "first.log"
     with open(log, "wb") as stderr:
         first = subprocess.Popen([sys.executable, "-m", "pipeline", *args], stderr=stderr,
-                                 env={**os.environ, "PYTHONPATH": str(REPO), "PIPELINE_TEST_PAUSE": "shard-rename",
-                                      "PIPELINE_TEST_PAUSE_S": "20"})
+                                 env={**os.environ, "PYTHONPATH": str(REPO), "PIPELINE_TEST_PAUSE": "shard-rename@1",
+                                      "PIPELINE_TEST_PAUSE_S": "10"})  # held in its first commit, long enough
+    #   for the second run to start even on a loaded machine (1 s a shard was not: the first had finished)
     while b"test pause at shard-rename" not in log.read_bytes():
         assert first.poll() is None, log.read_text()
         time.sleep(0.01)

@@ -72,6 +72,7 @@ def test_ranks_started_together_then_one_process_finishes_what_a_missing_rank_le
     assert "classifying 4 images (2 shards) on cpu with 0 workers, 8 already committed" in last.stderr
     assert f"published {MANIFEST_NAME}" in last.stderr
     assert_exactly_once_as_single(out, single)
+    assert run_pipeline("verify", str(out)).returncode == 0, "the project's own checker passes it"
 
 
 @pytest.mark.slow
