@@ -64,7 +64,7 @@ def test_a_concurrent_run_on_the_same_output_fails_fast_and_the_first_finishes(t
     with open(log, "wb") as stderr:
         first = subprocess.Popen([sys.executable, "-m", "pipeline", *args], stderr=stderr,
                                  env={**os.environ, "PYTHONPATH": str(REPO), "PIPELINE_TEST_PAUSE": "shard-rename@1",
-                                      "PIPELINE_TEST_PAUSE_S": "10"})  # held in its first commit, long enough
+                                      "PIPELINE_TEST_PAUSE_S": "20"})  # held in its first commit, long enough
     #   for the second run to start even on a loaded machine (1 s a shard was not: the first had finished)
     while b"test pause at shard-rename" not in log.read_bytes():
         assert first.poll() is None, log.read_text()
