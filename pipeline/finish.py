@@ -75,13 +75,18 @@ def run_facts(run_dir: Path, plan: Plan) -> dict:
 
 
 def finish(run_dir: Path, plan: Plan) -> Finish:
-    """Publish _SUCCESS if every shard is committed and no process has published it yet."""
-    if manifest_is_readable(run_dir):
+    """Publish _SUCCESS if every shard is committed and no process has published it yet.
+
+    Whether one exists is decided once, first: a _SUCCESS that another process publishes after that is met by
+    the exclusive link (this process then publishes nothing). Only a damaged one (there but unreadable) is
+    replaced, by whichever processes find it so, with the same bytes.
+    """
+    damaged = (run_dir / MANIFEST_NAME).exists()
+    if damaged and manifest_is_readable(run_dir):
         return Finish(published=False, finished=True, missing=[])
     records, missing = committed(run_dir, plan)
     if missing:
         return Finish(published=False, finished=False, missing=missing)
-    damaged = (run_dir / MANIFEST_NAME).exists()  # unreadable: replaced (the same bytes whoever writes them)
     manifest = write_manifest(run_dir, plan, records, run_facts(run_dir, plan), exclusive=not damaged)
     return Finish(published=manifest is not None, finished=True, missing=[])
 

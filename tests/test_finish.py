@@ -8,6 +8,7 @@ import sys
 import pyarrow as pa
 import pytest
 
+from pipeline import finish as finishing
 from pipeline.commit import MANIFEST_NAME, RECORDS_DIR, commit_shard, shard_name
 from pipeline.finish import committed, finish
 from pipeline.plan import Listing, load_plan, new_plan, save_plan
@@ -68,6 +69,24 @@ def test_the_manifest_is_the_same_whoever_writes_it_and_published_once(tmp_path)
     assert finish(tmp_path, load_plan(tmp_path)).published and (tmp_path / MANIFEST_NAME).read_bytes() == data
 
 
+def test_a_manifest_another_process_publishes_during_the_check_is_not_published_again(tmp_path, monkeypatch):
+    plan = _planned(tmp_path)
+    for shard in range(plan.shard_count):
+        _commit(tmp_path, plan, shard)
+    others = []
+
+    def committed_while_another_process_finishes(run_dir, plan):
+        if not others:  # the other process checks and publishes while this one reads the records
+            others.append(None)
+            others[0] = finish(run_dir, plan)
+        return committed(run_dir, plan)
+
+    monkeypatch.setattr(finishing, "committed", committed_while_another_process_finishes)
+    mine = finish(tmp_path, plan)
+
+    assert others[0].published and (mine.published, mine.finished) == (False, True)
+
+
 def test_an_unreadable_manifest_is_rewritten(tmp_path):
     plan = _planned(tmp_path, images=3)
     for shard in range(plan.shard_count):
@@ -78,26 +97,28 @@ def test_an_unreadable_manifest_is_rewritten(tmp_path):
     assert json.loads((tmp_path / MANIFEST_NAME).read_bytes())["rows"] == 3
 
 
-# Each racer loads the plan, says it is ready, then spins until the go file appears: they check and publish
-# within a millisecond or so of each other.
+# Each racer loads the plan, says it is ready, then spins until the go file appears and waits its own few
+# milliseconds more: the racers check and publish at the same instant and at every moment of one another's publication.
 RACER = """
 import sys, time
 from pathlib import Path
 from pipeline.finish import finish
 from pipeline.plan import load_plan
-out, go = Path(sys.argv[1]), Path(sys.argv[2])
+out, go, delay = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3])
 plan = load_plan(out)
 print("ready", flush=True)
 while not go.exists():
     time.sleep(0.0005)
+time.sleep(delay)
 print(finish(out, plan).published, flush=True)
 """
 
 
-def start_racers(count, *args):
+def start_racers(count, out, go):
     """count processes running RACER, each past its imports and waiting for the go file."""
-    racers = [subprocess.Popen([sys.executable, "-c", RACER, *map(str, args)], stdout=subprocess.PIPE, text=True,
-                               env={**os.environ, "PYTHONPATH": str(REPO)}) for _ in range(count)]
+    racers = [subprocess.Popen([sys.executable, "-c", RACER, str(out), str(go), str(0.004 * (i // 2))],
+                               stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+              for i in range(count)]
     for racer in racers:
         assert racer.stdout.readline() == "ready\n"
     return racers
@@ -107,12 +128,12 @@ def test_ranks_finishing_at_the_same_instant_publish_the_manifest_exactly_once(t
     plan = _planned(tmp_path / "out")
     for shard in range(plan.shard_count):
         _commit(tmp_path / "out", plan, shard)
-    racers = start_racers(6, tmp_path / "out", tmp_path / "go")
+    racers = start_racers(8, tmp_path / "out", tmp_path / "go")
 
     (tmp_path / "go").touch()
     outcomes = [racer.communicate(timeout=60)[0] for racer in racers]
 
-    assert sorted(outcomes) == ["False\n"] * 5 + ["True\n"]
+    assert sorted(outcomes) == ["False\n"] * 7 + ["True\n"]
     assert json.loads((tmp_path / "out" / MANIFEST_NAME).read_bytes())["files"] == 4
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.endswith(".tmp")]
 

@@ -148,8 +148,13 @@ def test_the_srun_variant_runs_a_rank_per_task_and_requeues_itself_ahead_of_the_
 
 
 def nightly(tmp_path: Path, input_dir: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([str(NIGHTLY), str(input_dir), str(tmp_path / "out"), *OPTIONS, *args],
-                            env={**os.environ, **ENV}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    """The script as cron runs it, from a checkout whose .venv runs this interpreter (PYTHON unset)."""
+    script = tmp_path / "checkout" / NIGHTLY.relative_to(REPO)
+    if not script.exists():
+        installed_copy(NIGHTLY, tmp_path / "checkout")
+    return subprocess.Popen([str(script), str(input_dir), str(tmp_path / "out"), *OPTIONS, *args],
+                            env={**os.environ, **ENV, "PYTHON": ""}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
 
 
 @pytest.mark.slow
@@ -171,5 +176,6 @@ def test_the_nightly_script_writes_tonights_partition_refuses_overlap_and_passes
     assert failing.wait(timeout=60) == 2, "the job's exit code is the script's"
     text = log.read_text()
     assert "another nightly run holds" in text and "does not exist" in text
+    assert f"{tmp_path}/checkout/.venv/bin/python -m pipeline classify" in text
     assert_exactly_once(tmp_path / "out" / f"run_date={today}", expected)
     assert first.communicate()[0] == "" and overlapping.communicate()[0] == "", "everything goes to the log"
