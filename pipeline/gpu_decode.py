@@ -13,10 +13,10 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.ops import roi_align
-from torchvision.transforms.functional import _compute_resized_output_size
 
 from pipeline.decode import Batch, Preprocess, decode_bytes, describe_error
 
@@ -51,42 +51,52 @@ class GpuDecoder:
         except RuntimeError:
             return None
 
-    def _crop_box(self, height: int, width: int) -> list[float]:
-        """The center crop of the resized image, in the source image's coordinates."""
+    def crop_boxes(self, sizes: np.ndarray) -> np.ndarray:
+        """The center crop of each resized image, in its source image's coordinates: [x1, y1, x2, y2] per row.
+
+        sizes is [n, 2] (height, width). Vectorised form of the weights' Resize (shorter side to
+        resize_size, the longer one truncated as torchvision does) followed by CenterCrop.
+        """
         p = self.preprocess
-        resized_h, resized_w = _compute_resized_output_size((height, width), [p.resize_size])
-        top = int(round((resized_h - p.crop_size) / 2.0))
-        left = int(round((resized_w - p.crop_size) / 2.0))
+        height, width = sizes[:, 0].astype(np.int64), sizes[:, 1].astype(np.int64)
+        short, long = np.minimum(height, width), np.maximum(height, width)
+        new_long = (p.resize_size * long / short).astype(np.int64)  # int() of torchvision's
+        #   _compute_resized_output_size: truncation of a positive float
+        portrait = height > width
+        resized_h = np.where(portrait, new_long, p.resize_size)
+        resized_w = np.where(portrait, p.resize_size, new_long)
+        top = np.round((resized_h - p.crop_size) / 2.0)  # half to even, as Python's round() in CenterCrop
+        left = np.round((resized_w - p.crop_size) / 2.0)
         sy, sx = resized_h / height, resized_w / width
-        return [left / sx, top / sy, (left + p.crop_size) / sx, (top + p.crop_size) / sy]
+        return np.stack([left / sx, top / sy, (left + p.crop_size) / sx, (top + p.crop_size) / sy], axis=1)
 
     def resize(self, images: list[torch.Tensor]) -> torch.Tensor:
         """Resize-then-center-crop of every image, a few roi_align calls per batch (area sampling
         antialiases); agrees with Pillow's antialiased bilinear resize to a logit cosine of 0.9999.
 
         Images are padded to a common size per chunk of similar sizes, bounding the padding memory.
+        No Python runs per image beyond reading its shape: the padding is one nested-tensor call.
         """
-        order = sorted(range(len(images)), key=lambda i: images[i].shape[1] * images[i].shape[2])
+        sizes = np.array([image.shape[1:] for image in images], dtype=np.int64).reshape(-1, 2)
+        boxes = self.crop_boxes(sizes)
+        order = np.argsort(sizes[:, 0] * sizes[:, 1], kind="stable")
         out = torch.empty((len(images), 3, self.preprocess.crop_size, self.preprocess.crop_size), dtype=self.dtype,
                           device=self.device)
         for start in range(0, len(order), RESIZE_CHUNK):
             chunk = order[start : start + RESIZE_CHUNK]
-            at = torch.tensor(chunk).to(self.device, non_blocking=True)
-            out.index_copy_(0, at, self._resize_chunk([images[i] for i in chunk]))
+            at = torch.from_numpy(chunk).to(self.device, non_blocking=True)
+            out.index_copy_(0, at, self._resize_chunk([images[i] for i in chunk], boxes[chunk]))
         return out
 
-    def _resize_chunk(self, images: list[torch.Tensor]) -> torch.Tensor:
-        height = max(image.shape[1] for image in images)
-        width = max(image.shape[2] for image in images)
-        padded = torch.zeros((len(images), 3, height, width), dtype=self.dtype, device=self.device)
-        boxes = []
-        for i, image in enumerate(images):  # the per-image Python here is the decode thread's hot spot
-            _, h, w = image.shape
-            padded[i].narrow(1, 0, h).narrow(2, 0, w).copy_(image)
-            boxes.append([i, *self._crop_box(h, w)])
-        boxes_tensor = torch.tensor(boxes, dtype=self.dtype).to(self.device, non_blocking=True)
-        return roi_align(padded, boxes_tensor, output_size=self.preprocess.crop_size, spatial_scale=1.0,
-                         sampling_ratio=-1, aligned=True)
+    def _resize_chunk(self, images: list[torch.Tensor], boxes: np.ndarray) -> torch.Tensor:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "nested tensors are a prototype": the strided layout pads in one call
+            padded = torch.nested.to_padded_tensor(torch.nested.nested_tensor(images), 0)
+        rois = np.concatenate([np.arange(len(images), dtype=np.float64)[:, None], boxes], axis=1)
+        rois_tensor = torch.from_numpy(rois).to(self.device, torch.float32, non_blocking=True)
+        # float32: in half precision, sample positions past pixel 512 would round to half a pixel
+        return roi_align(padded.float(), rois_tensor, output_size=self.preprocess.crop_size,
+                         spatial_scale=1.0, sampling_ratio=-1, aligned=True).to(self.dtype)
 
     def images(self, batch: Batch) -> tuple[torch.Tensor, int]:
         """The batch's ok images in order, and their count; files that no decoder takes become errors.

@@ -139,6 +139,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench"))
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--workers", type=int, default=16)
+    parser.add_argument("--job-options", default="", help="extra options for the job runs, e.g. --no-cuda-graphs")
     parser.add_argument("--only", default="job,agree,cpu-decode,png,small,plain,timm",
                         help="comma list of the runs to do")
     args = parser.parse_args()
@@ -147,7 +148,7 @@ def main() -> None:
     logs.mkdir(parents=True, exist_ok=True)
     results: dict = {"argv": sys.argv, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     big, small = corpus(args.work, args.count), corpus(args.work, args.small)
-    workers = ["--workers", str(args.workers)]
+    workers = ["--workers", str(args.workers), *args.job_options.split()]
     runs = [
         ("job", lambda: job(big, args.work / "out-job", logs, "job", "--weights", "random", *workers)),
         ("small", lambda: job(small, args.work / "out-small", logs, "small", "--weights", "random", *workers)),

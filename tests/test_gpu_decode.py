@@ -4,6 +4,7 @@ with the Pillow path, route what nvJPEG cannot take to Pillow, and fail one file
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.transforms.functional import _compute_resized_output_size
 
 from pipeline.decode import ImageFiles, Preprocess, collate, decode_file, gpu_decodable
 from pipeline.gpu_decode import GpuDecoder
@@ -83,3 +84,31 @@ def test_a_batch_with_nothing_for_the_gpu_decoder_passes_through(tmp_path):
 
     assert count == 1 and batch.errors[0] is None and batch.errors[1] is not None
     assert torch.equal(images[0], decode_file(tmp_path / "a.png", PREPROCESS).float())
+
+
+def test_crop_boxes_are_the_weights_resize_then_center_crop_in_source_coordinates():
+    sizes = [(375, 500), (500, 375), (333, 333), (257, 1000), (1000, 257), (481, 799), (224, 225), (2000, 3)]
+    boxes = GpuDecoder(torch.device("cpu"), PREPROCESS, batch_size=8, dtype=torch.float32).crop_boxes(np.array(sizes))
+
+    for (height, width), box in zip(sizes, boxes, strict=True):  # the scalar recipe, torchvision's own functions
+        resized_h, resized_w = _compute_resized_output_size((height, width), [PREPROCESS.resize_size])
+        top = int(round((resized_h - PREPROCESS.crop_size) / 2.0))
+        left = int(round((resized_w - PREPROCESS.crop_size) / 2.0))
+        sy, sx = resized_h / height, resized_w / width
+        expected = [left / sx, top / sy, (left + PREPROCESS.crop_size) / sx, (top + PREPROCESS.crop_size) / sy]
+        np.testing.assert_allclose(box, expected, rtol=1e-12, err_msg=f"{height}x{width}")
+
+
+def test_resize_keeps_each_image_in_its_place_across_chunks(monkeypatch):
+    monkeypatch.setattr("pipeline.gpu_decode.RESIZE_CHUNK", 3)  # several chunks, each padded to its own size
+    generator = torch.Generator().manual_seed(0)
+    sizes = [(300, 260), (240, 400), (230, 230), (500, 250), (260, 300), (256, 256), (333, 281)]
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=generator) for h, w in sizes]
+    decoder = GpuDecoder(torch.device("cpu"), PREPROCESS, batch_size=8, dtype=torch.float32)
+
+    together = decoder.resize(images)
+
+    assert together.shape == (len(images), 3, 224, 224)
+    for row, image in enumerate(images):  # alone: no padding, no sorting
+        torch.testing.assert_close(together[row], decoder.resize([image])[0], msg=f"image {row}")
+    assert not torch.equal(together[0], together[4]), "different images give different rows"

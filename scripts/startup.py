@@ -1,0 +1,112 @@
+#!/usr/bin/env python3
+"""Where the job's start-up goes, and what the model costs the host per batch (issue 5).
+
+    PYTHONPATH=. python3 scripts/startup.py [--json FILE]
+
+1. Imports, each in a fresh interpreter (median of 3): bare python, torch, torch + torchvision,
+   and pipeline.runner (everything the job imports).
+2. In one fresh process per cudnn setting: CUDA start, model build and move, the first forward
+   at batch 256 in fp16 channels_last, and the capture of the CUDA graph.
+3. Host time per batch of the model, eager against graph replay: the time the Python thread is
+   busy launching, which the decoding threads then cannot use (the GIL), and the GPU time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+IMPORTS = {"python": "pass", "torch": "import torch", "torch+torchvision": "import torch, torchvision",
+           "pipeline.runner": "import pipeline.runner"}
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+
+
+def import_seconds(statement: str, repeats: int = 3) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-c", statement], check=True, env=_env())
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def model_startup(benchmark: bool) -> dict:
+    """Run in a child process: the start-up steps of the model with cudnn.benchmark on or off."""
+    out = subprocess.run([sys.executable, __file__, "--child", str(int(benchmark))], check=True, env=_env(),
+                         capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _child(benchmark: bool) -> None:
+    import torch
+
+    from pipeline.infer import Classifier, GraphedForward
+    from pipeline.model import build_model, preprocessing_transforms, resolve_weights
+
+    steps, mark = {}, time.perf_counter()
+
+    def step(name: str) -> None:
+        nonlocal mark
+        torch.cuda.synchronize()
+        now = time.perf_counter()
+        steps[name] = now - mark
+        mark = now
+
+    device = torch.device("cuda", 0)
+    torch.cuda.set_device(device)
+    torch.zeros(1, device=device)
+    step("cuda_start_s")
+    transforms = preprocessing_transforms()
+    net = build_model(resolve_weights("random", 0))
+    step("build_model_s")
+    classifier = Classifier(net, device, transforms.mean, transforms.std, 5, torch.float16)
+    torch.backends.cudnn.benchmark = benchmark
+    step("to_device_s")
+    images = torch.randint(0, 256, (256, 3, 224, 224), device=device).half()
+    with torch.inference_mode():
+        classifier.forward(images)
+        step("first_forward_s")
+        graphed = GraphedForward(classifier.forward, images)
+        step("graph_capture_s")
+        for name, call in (("eager", classifier.forward), ("graph", graphed)):
+            for _ in range(5):
+                call(images)
+            torch.cuda.synchronize()
+            host, started = 0.0, time.perf_counter()
+            for _ in range(50):
+                launch = time.perf_counter()
+                call(images)
+                host += time.perf_counter() - launch
+            torch.cuda.synchronize()
+            steps[f"{name}_host_ms_per_batch"] = host / 50 * 1000
+            steps[f"{name}_images_per_s"] = 50 * 256 / (time.perf_counter() - started)
+    print(json.dumps(steps))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child is not None:
+        return _child(bool(args.child))
+    results = {"imports_s": {name: import_seconds(code) for name, code in IMPORTS.items()}}
+    for benchmark in (True, False):
+        results[f"cudnn_benchmark_{benchmark}"] = model_startup(benchmark)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
