@@ -29,6 +29,8 @@ class GpuDecoder:
     """Turns a Batch into one float NCHW tensor of 0..255 pixels on the device, of fixed batch size."""
 
     def __init__(self, device: torch.device, preprocess: Preprocess, batch_size: int, dtype: torch.dtype):
+        if device.type == "cuda" and device.index is None:  # threads set it as their current device: pin it
+            device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
         self.preprocess = preprocess
         self.batch_size = batch_size

@@ -1,0 +1,91 @@
+#!/usr/bin/env python3
+"""Host-wall throughput of the job's GPU side, one stage added at a time, on real corpus batches (issue 5).
+
+    PYTHONPATH=. python3 scripts/gpu_stages.py CORPUS_DIR [--images 20000]
+
+The files are read into memory first and collated into the job's own Batch objects, so no
+DataLoader, disk or writer is involved: what is left is nvJPEG, the resize, the model and the
+threads that overlap them. Each line is images/s over all the batches, after one warm-up pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from pipeline import gpu_decode
+from pipeline.decode import Preprocess, Sample, collate
+from pipeline.gpu_decode import GpuDecoder, decode_ahead
+from pipeline.infer import Classifier
+from pipeline.model import build_model, preprocessing_transforms, resolve_weights
+
+
+def rate(name: str, images: int, run) -> None:
+    run()  # warm-up: nvJPEG state, cudnn, the allocator
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    run()
+    torch.cuda.synchronize()
+    print(f"{name:<58}{images / (time.perf_counter() - started):>9.0f} img/s", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("corpus", type=Path)
+    parser.add_argument("--images", type=int, default=20_000)
+    parser.add_argument("--batch-size", type=int, default=256)
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+    files = sorted(args.corpus.rglob("*.jpg"))[: args.images]
+    n, size = len(files), args.batch_size
+    batches = [collate([Sample(i, encoded=f.read_bytes()) for i, f in enumerate(files[start : start + size], start)])
+               for start in range(0, n, size)]
+    device = torch.device("cuda", 0)
+    torch.cuda.set_device(device)
+    transforms = preprocessing_transforms()
+    preprocess = Preprocess.from_transforms(transforms)
+    decoder = GpuDecoder(device, preprocess, size, torch.float16)
+
+    def decode_only():
+        for batch in batches:
+            decode_jpeg(batch.jpegs(), mode=ImageReadMode.RGB, device=device)
+
+    def decode_resize():
+        for batch in batches:
+            decoder.resize(decode_jpeg(batch.jpegs(), mode=ImageReadMode.RGB, device=device))
+
+    def images_one_thread():
+        for batch in batches:
+            decoder.images(batch)
+
+    def ahead(threads: int):
+        def run():
+            for _ in decode_ahead(iter(batches), decoder, threads=threads):
+                pass
+        return run
+
+    rate("nvJPEG decode_jpeg(list), one thread", n, decode_only)
+    rate("decode + resize, one thread", n, decode_resize)
+    rate("GpuDecoder.images, one thread", n, images_one_thread)
+    for threads in (1, 2, 3):
+        rate(f"decode_ahead, {threads} thread(s)", n, ahead(threads))
+    for chunk in (32, 128, 256):
+        gpu_decode.RESIZE_CHUNK = chunk
+        rate(f"decode_ahead, 2 threads, resize chunk {chunk}", n, ahead(2))
+    gpu_decode.RESIZE_CHUNK = 64
+    net = build_model(resolve_weights("random", 0))
+    for graphs in (False, True):
+        classifier = Classifier(net, device, transforms.mean, transforms.std, 5, torch.float16, decoder,
+                                cuda_graphs=graphs)
+
+        rate(f"decode_ahead + model{' (CUDA graph)' if graphs else ''}, results on the host", n,
+             lambda c=classifier: all(True for _ in c.score(iter(batches))))
+
+
+if __name__ == "__main__":
+    main()
