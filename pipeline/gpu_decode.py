@@ -73,32 +73,43 @@ class GpuDecoder:
         return np.stack([left / sx, top / sy, (left + p.crop_size) / sx, (top + p.crop_size) / sy], axis=1)
 
     def resize(self, images: list[torch.Tensor]) -> torch.Tensor:
-        """Resize-then-center-crop of every image, a few roi_align calls per batch (area sampling
-        antialiases); agrees with Pillow's antialiased bilinear resize to a logit cosine of 0.9999.
-
-        Images are padded to a common size per chunk of similar sizes, bounding the padding memory.
-        No Python runs per image beyond reading its shape: the padding is one nested-tensor call.
-        """
-        sizes = np.array([image.shape[1:] for image in images], dtype=np.int64).reshape(-1, 2)
-        boxes = self.crop_boxes(sizes)
-        order = np.argsort(sizes[:, 0] * sizes[:, 1], kind="stable")
-        out = torch.empty((len(images), 3, self.preprocess.crop_size, self.preprocess.crop_size), dtype=self.dtype,
-                          device=self.device)
-        for start in range(0, len(order), RESIZE_CHUNK):
-            chunk = order[start : start + RESIZE_CHUNK]
-            at = torch.from_numpy(chunk).to(self.device, non_blocking=True)
-            out.index_copy_(0, at, self._resize_chunk([images[i] for i in chunk], boxes[chunk]))
+        """Resize-then-center-crop of every image, in order: [n, 3, crop, crop] of the decoder's dtype."""
+        size = self.preprocess.crop_size
+        out = torch.empty((len(images), 3, size, size), dtype=self.dtype, device=self.device)
+        self.resize_into(out, np.arange(len(images)), images)
         return out
 
-    def _resize_chunk(self, images: list[torch.Tensor], boxes: np.ndarray) -> torch.Tensor:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "nested tensors are a prototype": the strided layout pads in one call
-            padded = torch.nested.to_padded_tensor(torch.nested.nested_tensor(images), 0)
-        rois = np.concatenate([np.arange(len(images), dtype=np.float64)[:, None], boxes], axis=1)
-        rois_tensor = torch.from_numpy(rois).to(self.device, torch.float32, non_blocking=True)
-        # float32: in half precision, sample positions past pixel 512 would round to half a pixel
-        return roi_align(padded.float(), rois_tensor, output_size=self.preprocess.crop_size,
-                         spatial_scale=1.0, sampling_ratio=-1, aligned=True).to(self.dtype)
+    def resize_into(self, out: torch.Tensor, rows: np.ndarray, images: list[torch.Tensor]) -> None:
+        """Resize-then-center-crop images[i] into out[rows[i]], a few roi_align calls per batch (area
+        sampling antialiases); agrees with Pillow's antialiased bilinear resize to a logit cosine of 0.9999.
+
+        Images are padded to a common size per chunk of similar sizes, bounding the padding memory.
+        No Python runs per image beyond reading its shape: the padding is one nested-tensor call, and
+        the batch's row numbers and boxes cross to the device in two copies.
+        """
+        sizes = np.array([image.shape[1:] for image in images], dtype=np.int64).reshape(-1, 2)
+        order = np.argsort(sizes[:, 0] * sizes[:, 1], kind="stable")
+        in_chunk = np.arange(len(images)) % RESIZE_CHUNK  # roi_align's image index, within each chunk
+        rois = np.concatenate([in_chunk[:, None], self.crop_boxes(sizes[order])], axis=1).astype(np.float32)
+        rois_on_device, rows_on_device = self._on_device(rois), self._on_device(rows[order])
+        for start in range(0, len(order), RESIZE_CHUNK):
+            chunk = order[start : start + RESIZE_CHUNK]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "nested tensors are a prototype": strided ones pad in one call
+                padded = torch.nested.to_padded_tensor(torch.nested.nested_tensor([images[i] for i in chunk]), 0)
+            # float32: in half precision, sample positions past pixel 512 would round to half a pixel
+            pixels = roi_align(padded.float(), rois_on_device[start : start + len(chunk)],
+                               output_size=self.preprocess.crop_size, spatial_scale=1.0, sampling_ratio=-1,
+                               aligned=True)
+            out.index_copy_(0, rows_on_device[start : start + len(chunk)], pixels.to(out.dtype))
+
+    def _on_device(self, array: np.ndarray) -> torch.Tensor:
+        """A small host array on the device, without waiting: a copy from pageable memory would block
+        this thread until its stream's earlier work (the resizing) is done; from pinned memory it is queued."""
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        if self.device.type == "cuda":
+            tensor = tensor.pin_memory()
+        return tensor.to(self.device, non_blocking=True)
 
     def images(self, batch: Batch) -> tuple[torch.Tensor, int]:
         """The batch's ok images in order, and their count; files that no decoder takes become errors.
@@ -122,10 +133,12 @@ class GpuDecoder:
         size = self.preprocess.crop_size
         rows = torch.zeros((max(self.batch_size, len(batch.errors)), 3, size, size), dtype=self.dtype,
                            device=self.device)
-        for group, pixels in ((gpu_decoded, self.resize), (host_decoded, torch.stack)):
-            if group:
-                at = torch.tensor([row_of[position] for position, _ in group]).to(self.device, non_blocking=True)
-                rows.index_copy_(0, at, pixels([image for _, image in group]).to(self.dtype))
+        if gpu_decoded:
+            self.resize_into(rows, np.array([row_of[position] for position, _ in gpu_decoded]),
+                             [image for _, image in gpu_decoded])
+        if host_decoded:
+            at = self._on_device(np.array([row_of[position] for position, _ in host_decoded]))
+            rows.index_copy_(0, at, torch.stack([image for _, image in host_decoded]).to(self.dtype))
         return rows, len(row_of)
 
 

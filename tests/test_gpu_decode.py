@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.functional import _compute_resized_output_size
 
-from pipeline.decode import ImageFiles, Preprocess, collate, decode_file, gpu_decodable
+from pipeline.decode import ImageFiles, Preprocess, Sample, collate, decode_file, gpu_decodable
 from pipeline.gpu_decode import GpuDecoder
 from pipeline.infer import Classifier
 from pipeline.model import build_model, preprocessing_transforms, resolve_weights
@@ -44,8 +44,13 @@ def test_gpu_path_images_agree_with_pillow_and_bad_files_fail_alone(tmp_path):
         write_image(tmp_path / f"{i}.jpg", i, size=(300 + 37 * i, 200 + 11 * i), quality=90)
     write_image(tmp_path / "4.png", 4, size=(250, 250))
     good = (tmp_path / "0.jpg").read_bytes()
-    (tmp_path / "5.jpg").write_bytes(good[:200] + bytes(len(good) - 202) + b"\xff\xd9")  # garbage, EOI kept
-    plan, batch = _batch(tmp_path, gpu_jpeg=True)
+    plan, routed = _batch(tmp_path, gpu_jpeg=True)
+    assert routed.encoded_at == [0, 1, 2, 3] and routed.decoded_at == [4]
+    samples = [Sample(position, encoded=data.numpy().tobytes())
+               for position, data in zip(routed.encoded_at, routed.jpegs(), strict=True)]
+    samples.append(Sample(4, image=routed.images[0]))
+    garbage = good[:200] + bytes(len(good) - 202) + b"\xff\xd9"  # JPEG start and end, nothing decodable between
+    batch = collate([*samples, Sample(5, encoded=garbage)])  # handed to the GPU decoder whatever Pillow thinks
     assert batch.encoded_at == [0, 1, 2, 3, 5] and batch.decoded_at == [4]
 
     images, count = GpuDecoder(torch.device("cpu"), PREPROCESS, batch_size=8, dtype=torch.float32).images(batch)
