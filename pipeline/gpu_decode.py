@@ -22,7 +22,7 @@ from pipeline.decode import Batch, Preprocess, decode_bytes, describe_error
 
 _logger = logging.getLogger(__name__)
 
-RESIZE_CHUNK = 64  # images padded together for one roi_align call
+RESIZE_CHUNK = 32  # images padded together for one roi_align call (32 beat 64, 128 and 256 on an H100)
 
 
 class GpuDecoder:

@@ -11,6 +11,7 @@ threads that overlap them. Each line is images/s over all the batches, after one
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 import warnings
 from pathlib import Path
@@ -18,11 +19,13 @@ from pathlib import Path
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from pipeline import gpu_decode
-from pipeline.decode import Preprocess, Sample, collate
+from pipeline import gpu_decode, guard
+from pipeline.config import default_workers
+from pipeline.decode import ImageFiles, Preprocess, Sample, collate
 from pipeline.gpu_decode import GpuDecoder, decode_ahead
 from pipeline.infer import Classifier
 from pipeline.model import build_model, preprocessing_transforms, resolve_weights
+from pipeline.plan import list_images, new_plan
 
 
 def rate(name: str, images: int, run) -> None:
@@ -74,10 +77,24 @@ def main() -> None:
     rate("GpuDecoder.images, one thread", n, images_one_thread)
     for threads in (1, 2, 3):
         rate(f"decode_ahead, {threads} thread(s)", n, ahead(threads))
-    for chunk in (32, 128, 256):
+    for chunk in (16, 64, 32):
         gpu_decode.RESIZE_CHUNK = chunk
         rate(f"decode_ahead, 2 threads, resize chunk {chunk}", n, ahead(2))
-    gpu_decode.RESIZE_CHUNK = 64
+    gpu_decode.RESIZE_CHUNK = 32
+    plan = new_plan(list_images(args.corpus), 10_000, {})
+    dataset = ImageFiles(args.corpus, plan, list(range(min(len(plan.paths), 4 * n))), preprocess, gpu_jpeg=True)
+
+    def from_workers(copy: bool):
+        def run():
+            loaded = guard.batches(dataset, size, default_workers(), pin_memory=True)
+            if copy:  # fault the shared-memory pages in here, outside the nvJPEG call
+                loaded = (dataclasses.replace(b, encoded=b.encoded.clone()) for b in loaded)
+            for _ in decode_ahead(loaded, decoder):
+                pass
+        return run
+
+    rate("DataLoader workers -> decode_ahead (4x the images)", len(dataset), from_workers(False))
+    rate("same, JPEG bytes copied out of shared memory first", len(dataset), from_workers(True))
     net = build_model(resolve_weights("random", 0))
     for graphs in (False, True):
         classifier = Classifier(net, device, transforms.mean, transforms.std, 5, torch.float16, decoder,
