@@ -77,9 +77,6 @@ def main() -> None:
 @click.option("--decode", type=click.Choice(["auto", "cpu"]), default="auto", show_default=True,
               help="JPEG decoding: auto decodes plain JPEGs on the GPU (nvJPEG) when running there; cpu always "
                    "uses Pillow in the workers.")
-@click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
-              help="On a GPU, capture the model once as a CUDA graph and replay it for every batch (fewer "
-                   "launches from Python, so more room for decoding); ignored on the CPU.")
 @click.option("--topk", type=click.IntRange(min=1), default=5, show_default=True,
               help="How many best classes go in topk_labels and topk_probs.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of --weights random.")

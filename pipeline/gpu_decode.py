@@ -6,6 +6,7 @@ TorchCodec from 0.29 on, so swapping the library means changing this module only
 
 from __future__ import annotations
 
+import io
 import logging
 import threading
 import warnings
@@ -15,6 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
+from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.ops import roi_align
 
@@ -35,6 +37,14 @@ class GpuDecoder:
         self.preprocess = preprocess
         self.batch_size = batch_size
         self.dtype = dtype if dtype in (torch.float16, torch.float32) else torch.float32  # bf16 rounds 0..255
+
+    def warm_up(self) -> None:
+        """Start nvJPEG (its handle, the hardware decoder's state) on a tiny JPEG, before real batches need it."""
+        with io.BytesIO() as tiny:
+            Image.new("RGB", (16, 16)).save(tiny, "JPEG")
+            data = torch.frombuffer(bytearray(tiny.getvalue()), dtype=torch.uint8)
+        torch.cuda.set_device(self.device)
+        self._decode_all([data])
 
     def _decode_all(self, jpegs: list[torch.Tensor]) -> list[torch.Tensor | None]:
         """nvJPEG in one call; if it rejects the batch, file by file, so one bad file fails alone."""
@@ -115,7 +125,7 @@ class GpuDecoder:
         """The batch's ok images in order, and their count; files that no decoder takes become errors.
 
         The tensor always has batch_size rows (zeros past the ok ones), so every model call has the
-        same shape: cudnn tunes once, and a compiled model stays valid.
+        same shape.
         """
         gpu_decoded, host_decoded = [], []  # (position, image)
         if batch.decoded_at:
@@ -164,6 +174,7 @@ def decode_ahead(batches: Iterable[Batch], decoder: GpuDecoder, threads: int = 2
 
     pending: deque[Future] = deque()
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gpu-decode") as pool:
+        pool.submit(decoder.warm_up)  # while the workers read the first batch
         try:
             for batch in batches:
                 pending.append(pool.submit(decode, batch))

@@ -59,19 +59,18 @@ class Classifier:
     """The model on its device, in its precision, with the normalisation of its weights."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device, mean: list[float], std: list[float], topk: int,
-                 dtype: torch.dtype = torch.float32, decoder: GpuDecoder | None = None, cuda_graphs: bool = False):
+                 dtype: torch.dtype = torch.float32, decoder: GpuDecoder | None = None):
         self.device = device
         self.dtype = dtype
         self.memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-        torch.backends.cudnn.benchmark = device.type == "cuda"  # batches have one fixed shape
+        # cudnn.benchmark stays off: on an H100 its tuning added 0.35 s to the first batch and the
+        #   tuned forward was no faster (scripts/startup.py, docs/benchmarks.md)
         self.model = model.to(device=device, dtype=dtype, memory_format=self.memory_format).eval()
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
         self.topk = topk
         self.decoder = decoder  # None: the workers decoded every image
         self.first_launch: float | None = None  # monotonic time the first batch went to the device
-        self.cuda_graphs = cuda_graphs and device.type == "cuda"
-        self._graphed: GraphedForward | None = None  # captured on the first batch
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Logits, top-k labels and top-k probabilities of a batch of 0..255 pixels on the device."""
@@ -106,25 +105,13 @@ class Classifier:
             _logger.info("first batch on %s", self.device)
         if count == 0:
             return batch, None, None
-        outputs = tuple(t[:count] for t in self._forward_fast(images))
+        outputs = tuple(t[:count] for t in self.forward(images))
         if self.device.type != "cuda":
             return batch, outputs, None
         host = tuple(t.to("cpu", non_blocking=True) for t in outputs)
         done = torch.cuda.Event()
         done.record(torch.cuda.current_stream(self.device))
         return batch, host, done
-
-    def _forward_fast(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """forward, replayed from a CUDA graph when asked for and the capture worked (the batch shape is fixed)."""
-        if self.cuda_graphs and self._graphed is None:
-            try:
-                self._graphed = GraphedForward(self.forward, images)
-            except RuntimeError as error:
-                _logger.warning("running the model without a CUDA graph: capturing one failed (%s)", error)
-                self.cuda_graphs = False
-        if self._graphed is not None and self._graphed.takes(images):
-            return self._graphed(images)
-        return self.forward(images)
 
     def _collect(self, batch: Batch, outputs, done) -> Scored:
         if outputs is None:
@@ -136,34 +123,3 @@ class Classifier:
         logits, labels, probs = (t.numpy() for t in outputs)
         return Scored(batch, logits, labels, probs)
 
-
-class GraphedForward:
-    """A forward function captured once as a CUDA graph for one input shape, then replayed.
-
-    A replay launches the whole model with one call instead of some 150 kernel launches from
-    Python, which frees the GIL for the decoding threads. The outputs are the graph's own
-    tensors: the next call overwrites them, so a caller copies them (to the host) first, on the
-    same stream, as Classifier._launch does.
-    """
-
-    def __init__(self, forward, example: torch.Tensor, warmups: int = 3):
-        device = example.device
-        self.input = example.clone()
-        side = torch.cuda.Stream(device)  # warm up (cudnn's tuning, the allocator) off the capture
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(warmups):
-                forward(self.input)
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):  # decoding threads go on meanwhile
-            self.outputs = forward(self.input)
-        _logger.info("model captured as a CUDA graph for batches of shape %s", tuple(example.shape))
-
-    def takes(self, images: torch.Tensor) -> bool:
-        return images.shape == self.input.shape and images.dtype == self.input.dtype
-
-    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        self.input.copy_(images)
-        self.graph.replay()
-        return self.outputs

@@ -170,8 +170,7 @@ def _run(config: Config, out: Path, rank: ranks.Rank, stopping: stop.Stop, start
     #   run; a stop signal ends the batches, and the workers with them
     dtype = infer.pick_precision(config.precision, device)
     decoder = GpuDecoder(device, preprocess, config.batch_size, dtype) if gpu else None
-    classifier = infer.Classifier(net, device, transforms.mean, transforms.std, config.topk, dtype, decoder,
-                                    cuda_graphs=config.cuda_graphs)
+    classifier = infer.Classifier(net, device, transforms.mean, transforms.std, config.topk, dtype, decoder)
     _logger.info("classifying %d images (%d shards) on %s with %d workers, %d already committed",
                  len(indices), len(pending), device, config.workers, rows - len(indices))
 

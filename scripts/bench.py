@@ -139,7 +139,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench"))
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--workers", type=int, default=16)
-    parser.add_argument("--job-options", default="", help="extra options for the job runs, e.g. --no-cuda-graphs")
+    parser.add_argument("--job-options", default="", help="extra options for the job runs, e.g. --decode cpu")
     parser.add_argument("--only", default="job,agree,cpu-decode,png,small,plain,timm",
                         help="comma list of the runs to do")
     args = parser.parse_args()
