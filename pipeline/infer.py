@@ -26,13 +26,20 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
         raise RuntimeError("--device cuda was asked for but no CUDA GPU is visible: use --device cpu or auto")
     if name != "cuda":
         return torch.device(name)
-    if not any(name in os.environ for name in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")):
-        # read when CUDA starts: batches of differently sized images fragment fixed segments (peak
-        # 15.6 GiB reserved at batch 256 on an H100, 5.1 GiB with expandable ones; docs/benchmarks.md)
-        os.environ["PYTORCH_ALLOC_CONF"] = "expandable_segments:True"
+    default_allocator_settings(os.environ)
     device = torch.device("cuda", local_rank % torch.cuda.device_count())
     torch.cuda.set_device(device)  # before any CUDA work: streams, events and pinned memory of this thread use it
     return device
+
+
+def default_allocator_settings(environ) -> None:
+    """Expandable CUDA segments unless the user configured PyTorch's allocator; read when CUDA starts.
+
+    Batches of differently sized images fragment fixed segments: peak 15.6 GiB reserved at batch 256
+    on an H100, 5.1 GiB with expandable ones (docs/benchmarks.md).
+    """
+    if not any(name in environ for name in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")):
+        environ["PYTORCH_ALLOC_CONF"] = "expandable_segments:True"
 
 
 @dataclass

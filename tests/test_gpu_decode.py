@@ -8,7 +8,7 @@ from torchvision.transforms.functional import _compute_resized_output_size
 
 from pipeline.decode import ImageFiles, Preprocess, Sample, collate, decode_file, gpu_decodable
 from pipeline.gpu_decode import GpuDecoder
-from pipeline.infer import Classifier
+from pipeline.infer import Classifier, default_allocator_settings
 from pipeline.model import build_model, preprocessing_transforms, resolve_weights
 from pipeline.plan import list_images, new_plan
 from tests.conftest import write_image
@@ -117,3 +117,14 @@ def test_resize_keeps_each_image_in_its_place_across_chunks(monkeypatch):
     for row, image in enumerate(images):  # alone: no padding, no sorting
         torch.testing.assert_close(together[row], decoder.resize([image])[0], msg=f"image {row}")
     assert not torch.equal(together[0], together[4]), "different images give different rows"
+
+
+def test_expandable_cuda_segments_are_the_default_unless_the_user_configured_the_allocator():
+    environ = {}
+    default_allocator_settings(environ)
+    assert environ == {"PYTORCH_ALLOC_CONF": "expandable_segments:True"}
+
+    for name in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):
+        mine = {name: "max_split_size_mb:128"}
+        default_allocator_settings(mine)
+        assert mine == {name: "max_split_size_mb:128"}, "the user's setting is left alone"
