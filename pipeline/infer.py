@@ -70,7 +70,7 @@ class Classifier:
         self.device = device
         self.dtype = dtype
         self.memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-        # cudnn.benchmark stays off: on an H100 its tuning added 0.35 s to the first batch and the
+        # cudnn.benchmark stays off: on an H100 its tuning added 0.4-1.3 s to the first forward and the
         #   tuned forward was no faster (scripts/startup.py, docs/benchmarks.md)
         self.model = model.to(device=device, dtype=dtype, memory_format=self.memory_format).eval()
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
@@ -129,4 +129,3 @@ class Classifier:
             done.synchronize()
         logits, labels, probs = (t.numpy() for t in outputs)
         return Scored(batch, logits, labels, probs)
-
