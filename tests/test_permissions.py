@@ -1,0 +1,79 @@
+"""Files and folders the job's user may not read: an error row naming the cause, or a message naming the fix.
+
+Root reads everything, and CI runs the tests as root; so as root the job runs as `nobody` through
+util-linux's setpriv, and otherwise as the current user.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pytest
+
+from tests.conftest import REPO, write_image
+
+NOBODY = 65534
+
+
+def _unprivileged() -> list[str]:
+    """The command prefix that runs a process as a user whom file permissions apply to."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without setpriv (util-linux): no user to whom permissions apply")
+    return [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+
+
+@pytest.fixture
+def open_dir():
+    """A folder anyone may enter and write: pytest's tmp_path is its owner's alone."""
+    folder = Path(tempfile.mkdtemp(prefix="pipeline-permissions-"))
+    folder.chmod(0o777)
+    yield folder
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod(0o777)  # the current user may remove what it made unreadable
+    shutil.rmtree(folder)
+
+
+def _classify(input_dir: Path, output_dir: Path) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "pipeline", "classify", str(input_dir), str(output_dir), "--weights", "random",
+            "--device", "cpu", "--workers", "1", "--batch-size", "4", "--progress", "log", "--max-error-rate", "0.5"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HOME": str(output_dir.parent)}
+    return subprocess.run([*_unprivileged(), *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_a_file_the_user_may_not_read_is_an_error_row_and_the_others_are_classified(open_dir):
+    images = open_dir / "in"
+    images.mkdir()
+    for i in range(3):
+        write_image(images / f"{i}.jpg", i)
+    (images / "1.jpg").chmod(0o000)
+
+    result = _classify(images, open_dir / "out")
+
+    assert result.returncode == 0, result.stderr
+    rows = ds.dataset(str(open_dir / "out"), format="parquet").to_table().sort_by("path").to_pylist()
+    assert [row["path"] for row in rows] == ["0.jpg", "1.jpg", "2.jpg"]
+    assert [row["status"] for row in rows] == ["ok", "error", "ok"]
+    assert rows[1]["error"] == "unreadable file: Permission denied"
+    assert rows[0]["label"] is not None and rows[1]["label"] is None
+
+
+def test_a_folder_the_user_may_not_list_stops_the_job_before_it_starts_naming_the_fix(open_dir):
+    images = open_dir / "in"
+    (images / "locked").mkdir(parents=True)
+    write_image(images / "a.jpg", 0)
+    write_image(images / "locked" / "b.jpg", 1)
+    (images / "locked").chmod(0o000)
+
+    result = _classify(images, open_dir / "out")
+
+    assert result.returncode == 2, result.stderr
+    assert f"cannot list folder {images / 'locked'} (Permission denied)" in result.stderr
+    assert "make it readable by this user, or move it out of the input folder" in result.stderr
+    assert not list((open_dir / "out").glob("*.parquet")), "nothing is written for a partial listing"
