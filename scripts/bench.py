@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import subprocess
 import sys
@@ -23,8 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-REPO = Path(__file__).resolve().parent.parent
+from repo_env import REPO, repo_env
 
 
 def _tree_rss_kib(pid: int) -> tuple[int, int]:
@@ -57,8 +55,7 @@ def _tree_rss_kib(pid: int) -> tuple[int, int]:
 
 def run_process(args: list[str], log_path: Path) -> dict:
     """Run one whole process; time it, watch its memory, note when it logs its first batch."""
-    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
+    env = repo_env(PYTHONUNBUFFERED="1")
     started = time.monotonic()
     process = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
     seen: dict = {"first_batch_s": None, "summary": None}

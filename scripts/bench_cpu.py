@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 import torch
+from repo_env import REPO, repo_env
 from torchvision.models import resnet18
 
-REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from tests.conftest import write_image  # noqa: E402
 
@@ -53,7 +53,7 @@ def bare_model(batch_size: int, images: int) -> float:
 
 
 def whole_job(folder: Path, out: Path, batch_size: int, workers: int) -> tuple[float, str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = repo_env()
     started = time.perf_counter()
     result = subprocess.run([sys.executable, "-m", "pipeline", "classify", str(folder), str(out), "--weights",
                              "random", "--device", "cpu", "--batch-size", str(batch_size), "--workers", str(workers),

@@ -12,7 +12,6 @@ that each input file is one row, once, and that _SUCCESS was written. Prints a t
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import time
@@ -20,12 +19,11 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
-
-REPO = Path(__file__).resolve().parent.parent
+from repo_env import repo_env
 
 
 def run(corpus: Path, out: Path, ranks: int, workers: int, log: Path) -> dict:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = repo_env()
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", "-m",
             "pipeline", "classify", str(corpus), str(out), "--weights", "random", "--progress", "log",
             "--workers", str(max(1, workers // ranks))]

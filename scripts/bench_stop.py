@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from repo_env import repo_env
 
 
 def main() -> None:
@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--after", type=float, default=5.0, help="seconds after the first batch")
     args = parser.parse_args()
     subprocess.run(["rm", "-rf", str(args.out)], check=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = repo_env()
     command = [sys.executable, "-m", "pipeline", "classify", str(args.corpus), str(args.out), "--weights", "random",
                "--progress", "log"]
     job = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)

@@ -14,34 +14,30 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from repo_env import repo_env
+
 IMPORTS = {"python": "pass", "torch": "import torch", "torch+torchvision": "import torch, torchvision",
            "pipeline.runner": "import pipeline.runner"}
-
-
-def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
 
 
 def import_seconds(statement: str, repeats: int = 3) -> float:
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
-        subprocess.run([sys.executable, "-c", statement], check=True, env=_env())
+        subprocess.run([sys.executable, "-c", statement], check=True, env=repo_env())
         times.append(time.perf_counter() - started)
     return statistics.median(times)
 
 
 def model_startup(benchmark: bool) -> dict:
     """Run in a child process: the start-up steps of the model with cudnn.benchmark on or off."""
-    out = subprocess.run([sys.executable, __file__, "--child", str(int(benchmark))], check=True, env=_env(),
+    out = subprocess.run([sys.executable, __file__, "--child", str(int(benchmark))], check=True, env=repo_env(),
                          capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
