@@ -77,9 +77,6 @@ def main() -> None:
 @click.option("--decode", type=click.Choice(["auto", "cpu"]), default="auto", show_default=True,
               help="JPEG decoding: auto decodes plain JPEGs on the GPU (nvJPEG) when running there; cpu always "
                    "uses Pillow in the workers.")
-@click.option("--cpu-share", type=click.FloatRange(0, 1), default=0.0, show_default=True,
-              help="With GPU decoding, the share of plain JPEGs the workers decode with Pillow anyway, chosen "
-                   "by plan position, so idle CPU cores take load off the GPU decoder.")
 @click.option("--topk", type=click.IntRange(min=1), default=5, show_default=True,
               help="How many best classes go in topk_labels and topk_probs.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of --weights random.")

@@ -35,7 +35,6 @@ class Config:
     #   saved plan's when resuming, else DEFAULT_SHARD_SIZE
     precision: str = "auto"  # model precision: 'auto' (fp16 on a GPU, fp32 on the CPU), 'fp32', 'fp16', 'bf16'
     decode: str = "auto"  # JPEG decoding: 'auto' (nvJPEG on a GPU, Pillow otherwise) or 'cpu' (always Pillow)
-    cpu_share: float = 0.0  # with GPU decoding: the share of plain JPEGs the workers decode with Pillow anyway
     topk: int = 5  # how many (label, probability) pairs go in the topk columns
     seed: int = 0  # seed of --weights random
     progress: str = "auto"  # 'auto' (bar at a terminal, log lines otherwise), 'bar' or 'log'

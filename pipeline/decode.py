@@ -31,7 +31,6 @@ GPU_MAX_PIXELS = 24_000_000  # larger JPEGs are cheaper in Pillow's reduced-scal
 ORIENTATION_TAG = 0x0112  # EXIF orientation; nvJPEG ignores it, so rotated files go to Pillow
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited onto white before classification
 MAX_ASPECT = 16  # a longer side beyond 16x the shorter is cut to its centre first: the crop never sees it
-GOLDEN = (5**0.5 - 1) / 2  # spreads --cpu-share's files evenly over the plan
 PREFETCH = 4  # batches each worker decodes ahead
 CRASH_ON_ENV = "PIPELINE_TEST_CRASH_ON"  # test-only: comma-separated file names whose decoding kills the worker
 
@@ -192,14 +191,13 @@ class ImageFiles(Dataset):
     """The items of a plan, by position in `indices`; each becomes one Sample."""
 
     def __init__(self, input_dir: Path, plan: Plan, indices: list[int], preprocess: Preprocess,
-                 gpu_jpeg: bool = False, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, cpu_share: float = 0.0):
+                 gpu_jpeg: bool = False, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
         self.input_dir = input_dir
         self.paths = plan.paths  # Arrow: shared by forked workers without copy-on-write growth
         self.escaped = plan.escaped if plan.escaped is not None and pc.any(plan.escaped).as_py() else None
         self.indices = indices
         self.preprocess = preprocess
         self.gpu_jpeg = gpu_jpeg  # hand plain JPEGs over undecoded, for the GPU
-        self.cpu_share = cpu_share  # with gpu_jpeg: the share of plain JPEGs the workers decode all the same
         self.max_pixels = max_pixels
 
     def __len__(self) -> int:
@@ -216,19 +214,11 @@ class ImageFiles(Dataset):
                 if not self.gpu_jpeg:
                     return Sample(index, image=decode_stream(file, self.preprocess, self.max_pixels))
                 data = file.read()
-            if self._for_the_gpu(data) and not self._kept_on_the_cpu(index):
+            if self._for_the_gpu(data):
                 return Sample(index, encoded=data)
             return Sample(index, image=decode_bytes(data, self.preprocess, self.max_pixels))
         except Exception as error:  # any failure of one file is that file's error row
             return Sample(index, error=describe_error(error))
-
-    def _kept_on_the_cpu(self, index: int) -> bool:
-        """Whether the workers decode this plain JPEG themselves, to share the GPU decoder's load.
-
-        Fixed by the plan index (a golden-ratio sequence spreads the chosen files evenly over every
-        batch), so the same plan and share always send the same files down the same path.
-        """
-        return (index * GOLDEN) % 1.0 < self.cpu_share
 
     def _for_the_gpu(self, data: bytes) -> bool:
         """gpu_decodable within the pixel limit; any doubt goes to Pillow, which names the cause."""

@@ -164,8 +164,7 @@ def _run(config: Config, out: Path, rank: ranks.Rank, stopping: stop.Stop, start
     gpu = device.type == "cuda"
     indices = [index for shard in pending for index in the_plan.shard_range(shard)]
     dataset = decode.ImageFiles(config.input_dir, the_plan, indices, preprocess,
-                                gpu_jpeg=gpu and config.decode == "auto", max_pixels=config.max_image_pixels,
-                                cpu_share=config.cpu_share)
+                                gpu_jpeg=gpu and config.decode == "auto", max_pixels=config.max_image_pixels)
     batches = stopping.batches(guard.batches(dataset, config.batch_size, config.workers, pin_memory=gpu))  # the
     #   workers start decoding while the model moves to the device; a worker's death costs its file a row, not the
     #   run; a stop signal ends the batches, and the workers with them

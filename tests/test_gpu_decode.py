@@ -128,21 +128,3 @@ def test_expandable_cuda_segments_are_the_default_unless_the_user_configured_the
         mine = {name: "max_split_size_mb:128"}
         default_allocator_settings(mine)
         assert mine == {name: "max_split_size_mb:128"}, "the user's setting is left alone"
-
-
-def test_cpu_share_sends_a_fixed_evenly_spread_share_of_plain_jpegs_to_the_workers_decoder(tmp_path):
-    for i in range(40):
-        write_image(tmp_path / f"{i:02d}.jpg", i, size=(64, 48))
-    plan = new_plan(list_images(tmp_path), 100, {})
-    indices = list(range(len(plan.paths)))
-
-    def decoded_on_the_cpu(share):
-        dataset = ImageFiles(tmp_path, plan, indices, PREPROCESS, gpu_jpeg=True, cpu_share=share)
-        return [i for i in indices if dataset[i].image is not None]
-
-    assert decoded_on_the_cpu(0.0) == [] and decoded_on_the_cpu(1.0) == indices
-    quarter = decoded_on_the_cpu(0.25)
-    assert quarter == decoded_on_the_cpu(0.25), "the same files every time"
-    assert abs(len(quarter) - 10) <= 2, quarter  # a quarter of 40, give or take the sequence's discrepancy
-    assert all(len([i for i in quarter if start <= i < start + 8]) in (1, 2, 3) for start in range(0, 40, 8)), \
-        "spread over every run of 8 files, not bunched"
