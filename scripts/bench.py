@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -23,6 +24,9 @@ from pathlib import Path
 
 import numpy as np
 from repo_env import REPO, repo_env
+
+ENVIRONMENT = ("PYTHONDONTWRITEBYTECODE", "PYTHONPYCACHEPREFIX", "PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF",
+               "CUDA_VISIBLE_DEVICES")  # what changes the figures without changing the code: saved with them
 
 
 def _tree_rss_kib(pid: int) -> tuple[int, int]:
@@ -143,7 +147,8 @@ def main() -> None:
     only = set(args.only.split(","))
     logs = args.work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    results: dict = {"argv": sys.argv, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    results: dict = {"argv": sys.argv, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                     "environment": {name: os.environ.get(name) for name in ENVIRONMENT}}
     big, small = corpus(args.work, args.count), corpus(args.work, args.small)
     workers = ["--workers", str(args.workers), *args.job_options.split()]
     runs = [
