@@ -58,11 +58,12 @@ def weights_file(tmp_path_factory) -> Path:
     return path
 
 
-def run_pipeline(*args: str, env: dict | None = None, check: bool = True, timeout: float = 300):
-    """`python -m pipeline ARGS` in a real process, as cron would run it."""
+def run_pipeline(*args: str, env: dict | None = None, check: bool = True, timeout: float = 300,
+                 prefix: list[str] | None = None):
+    """`python -m pipeline ARGS` in a real process, as cron would run it; prefix (e.g. setpriv ...) runs first."""
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-    result = subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True,
-                            env=full_env, timeout=timeout)
+    result = subprocess.run([*(prefix or []), sys.executable, "-m", "pipeline", *args], capture_output=True,
+                            text=True, env=full_env, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"pipeline {args} exited {result.returncode}:\n{result.stderr}")
     return result

@@ -7,14 +7,13 @@ util-linux's setpriv, and otherwise as the current user.
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pyarrow.dataset as ds
 import pytest
 
-from tests.conftest import REPO, write_image
+from tests.conftest import run_pipeline, write_image
 
 NOBODY = 65534
 
@@ -41,10 +40,9 @@ def open_dir():
 
 
 def _classify(input_dir: Path, output_dir: Path) -> subprocess.CompletedProcess:
-    args = [sys.executable, "-m", "pipeline", "classify", str(input_dir), str(output_dir), "--weights", "random",
-            "--device", "cpu", "--workers", "1", "--batch-size", "4", "--progress", "log", "--max-error-rate", "0.5"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HOME": str(output_dir.parent)}
-    return subprocess.run([*_unprivileged(), *args], capture_output=True, text=True, env=env, timeout=300)
+    return run_pipeline("classify", str(input_dir), str(output_dir), "--weights", "random", "--device", "cpu",
+                        "--workers", "1", "--batch-size", "4", "--progress", "log", "--max-error-rate", "0.5",
+                        env={"HOME": str(output_dir.parent)}, check=False, prefix=_unprivileged())
 
 
 def test_a_file_the_user_may_not_read_is_an_error_row_and_the_others_are_classified(open_dir):
