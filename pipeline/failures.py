@@ -10,8 +10,6 @@ from itertools import islice
 from pathlib import Path
 from typing import TextIO
 
-import pyarrow.dataset as ds
-
 from pipeline.causes import cause_of
 from pipeline.plan import PLAN_NAME
 
@@ -28,6 +26,8 @@ def failed_rows(output_dir: Path) -> Iterator[tuple[str, str]]:
             raise OutputError(f"{output_dir} holds partitioned runs: pass one run's folder, for example {runs[-1]}")
         raise OutputError(f"{output_dir} is not the output of a classify run (it has no {PLAN_NAME}): "
                           "pass the OUTPUT folder given to `pipeline classify`")
+    import pyarrow.dataset as ds  # here, not at the top: it imports pandas where installed, 0.4 s of every start
+
     shards = ds.dataset(output_dir, format="parquet")  # names starting with '_' or '.' are skipped
     for shard in sorted(shards.get_fragments(), key=lambda fragment: fragment.path):
         table = shard.to_table(columns=["path", "error"], filter=ds.field("status") == "error")

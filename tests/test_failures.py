@@ -2,6 +2,9 @@
 
 import io
 import json
+import os
+import subprocess
+import sys
 
 import pyarrow as pa
 import pytest
@@ -10,6 +13,7 @@ from pipeline.commit import commit_shard
 from pipeline.failures import OutputError, failed_rows, first_failures, print_failures
 from pipeline.plan import Listing, new_plan, save_plan
 from pipeline.writer import encode_shard, rows, with_run_columns
+from tests.conftest import REPO
 from tests.test_writer import NAMES, _scored
 
 PATHS = ["a.jpg", "b/new\nline.png", "c.png", "d é.webp", "e.gif", "f.tif", "g.bmp"]
@@ -61,3 +65,11 @@ def test_a_folder_that_is_no_output_is_refused_with_the_fix(tmp_path):
     with pytest.raises(OutputError, match=r"holds partitioned runs: pass one run's folder, for example .*run_date="):
         list(failed_rows(tmp_path))
     assert len(list(failed_rows(tmp_path / "run_date=2024-05-01"))) == 3
+
+
+def test_the_job_does_not_import_the_dataset_reader_until_it_reads_failures():
+    """pyarrow.dataset imports pandas where it is installed: 0.4 s of every start on the GPU machine."""
+    code = "import sys, pipeline.runner; print('pyarrow.dataset' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.stdout.strip() == "False"
