@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import logging
 import threading
+import time
 import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -44,7 +45,9 @@ class GpuDecoder:
             Image.new("RGB", (16, 16)).save(tiny, "JPEG")
             data = torch.frombuffer(bytearray(tiny.getvalue()), dtype=torch.uint8)
         torch.cuda.set_device(self.device)
+        started = time.monotonic()
         self._decode_all([data])
+        _logger.debug("nvJPEG started in %.2f s", time.monotonic() - started)
 
     def _decode_all(self, jpegs: list[torch.Tensor]) -> list[torch.Tensor | None]:
         """nvJPEG in one call; if it rejects the batch, file by file, so one bad file fails alone."""
@@ -174,7 +177,6 @@ def decode_ahead(batches: Iterable[Batch], decoder: GpuDecoder, threads: int = 2
 
     pending: deque[Future] = deque()
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gpu-decode") as pool:
-        pool.submit(decoder.warm_up)  # while the workers read the first batch
         try:
             for batch in batches:
                 pending.append(pool.submit(decode, batch))

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,6 +80,36 @@ class Classifier:
         self.topk = topk
         self.decoder = decoder  # None: the workers decoded every image
         self.first_launch: float | None = None  # monotonic time the first batch went to the device
+        self._warming: list[threading.Thread] = []
+
+    def start_warm_up(self, batch_shape: tuple[int, ...]) -> None:
+        """On a GPU, start nvJPEG and load the model's kernels, on two threads, while the workers start and read.
+
+        Each first call costs about 0.7 s (scripts/startup.py), waiting in C++ without the GIL, so
+        both go by beside the workers' start; the first real batch then finds them ready.
+        """
+        if self.device.type != "cuda":
+            return
+        steps = [functools.partial(self._first_forward, batch_shape)]
+        if self.decoder is not None:
+            steps.append(self.decoder.warm_up)
+        self._warming = [threading.Thread(target=self._warm_up, args=(step,), name="warm-up") for step in steps]
+        for thread in self._warming:
+            thread.start()
+
+    def _warm_up(self, step: Callable[[], None]) -> None:
+        torch.cuda.set_device(self.device)  # a new thread starts on GPU 0, whatever the main thread uses
+        try:
+            step()
+        except Exception as error:  # the real batches meet the same error and report it
+            _logger.debug("warm-up failed: %s", error)
+
+    def _first_forward(self, batch_shape: tuple[int, ...]) -> None:
+        started = time.monotonic()
+        with torch.inference_mode():  # on the default stream, as the real batches: its memory is theirs after
+            self.forward(torch.zeros(batch_shape, device=self.device, dtype=self.dtype))
+            torch.cuda.current_stream(self.device).synchronize()
+        _logger.debug("the model's first forward took %.2f s", time.monotonic() - started)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Logits, top-k labels and top-k probabilities of a batch of 0..255 pixels on the device."""
@@ -89,13 +121,17 @@ class Classifier:
     def score(self, batches: Iterable[Batch]) -> Iterator[Scored]:
         """Score batches in order, one batch in flight on the device while the previous is read back."""
         in_flight: deque = deque()
-        with torch.inference_mode():
-            for batch, images, count in self._staged(batches):
-                in_flight.append(self._launch(batch, images, count))
-                if len(in_flight) > 1:
+        try:
+            with torch.inference_mode():
+                for batch, images, count in self._staged(batches):
+                    in_flight.append(self._launch(batch, images, count))
+                    if len(in_flight) > 1:
+                        yield self._collect(*in_flight.popleft())
+                while in_flight:
                     yield self._collect(*in_flight.popleft())
-            while in_flight:
-                yield self._collect(*in_flight.popleft())
+        finally:
+            for thread in self._warming:
+                thread.join()
 
     def _staged(self, batches: Iterable[Batch]) -> Iterator[tuple[Batch, torch.Tensor, int]]:
         """Each batch with its images on the device, decoded ahead in a thread when there is a GPU."""

@@ -47,6 +47,7 @@ class Waiting:
 
     def __init__(self):
         self.seconds = 0.0
+        self.items = 0
 
     def wrap(self, items: Iterable) -> Iterator:
         iterator = iter(items)
@@ -58,4 +59,7 @@ class Waiting:
                 return
             finally:
                 self.seconds += time.monotonic() - started
+            self.items += 1
+            if self.items == 1:
+                _logger.debug("first batch from the workers")
             yield item

@@ -160,17 +160,22 @@ def _run(config: Config, out: Path, rank: ranks.Rank, stopping: stop.Stop, start
         return _summary(records, rows, started, 0, config)
 
     device = infer.pick_device(config.device, rank.local_rank)
+    _logger.debug("device %s ready", device)
     preprocess = decode.Preprocess.from_transforms(transforms)
     gpu = device.type == "cuda"
+    dtype = infer.pick_precision(config.precision, device)
+    decoder = GpuDecoder(device, preprocess, config.batch_size, dtype) if gpu else None
+    classifier = infer.Classifier(net, device, transforms.mean, transforms.std, config.topk, dtype, decoder)
     indices = [index for shard in pending for index in the_plan.shard_range(shard)]
     dataset = decode.ImageFiles(config.input_dir, the_plan, indices, preprocess,
                                 gpu_jpeg=gpu and config.decode == "auto", max_pixels=config.max_image_pixels)
     batches = stopping.batches(guard.batches(dataset, config.batch_size, config.workers, pin_memory=gpu))  # the
-    #   workers start decoding while the model moves to the device; a worker's death costs its file a row, not the
-    #   run; a stop signal ends the batches, and the workers with them
-    dtype = infer.pick_precision(config.precision, device)
-    decoder = GpuDecoder(device, preprocess, config.batch_size, dtype) if gpu else None
-    classifier = infer.Classifier(net, device, transforms.mean, transforms.std, config.topk, dtype, decoder)
+    #   workers start now; a worker's death costs its file a row, not the run; a stop signal ends the batches,
+    #   and the workers with them
+    _logger.debug("%d workers started", config.workers)
+    classifier.start_warm_up((config.batch_size, 3, preprocess.crop_size, preprocess.crop_size))  # nvJPEG's and the
+    #   model's first calls, about 1.4 s, go by while the workers read the first batch. Not before the workers
+    #   fork: a child forked while a thread holds the loader's lock (CUDA libraries load lazily) would hang
     _logger.info("classifying %d images (%d shards) on %s with %d workers, %d already committed",
                  len(indices), len(pending), device, config.workers, rows - len(indices))
 

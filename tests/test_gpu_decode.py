@@ -2,6 +2,8 @@
 with the Pillow path, route what nvJPEG cannot take to Pillow, and fail one file alone."""
 
 import numpy as np
+import pyarrow.parquet as pq
+import pytest
 import torch
 from PIL import Image
 from torchvision.transforms.functional import _compute_resized_output_size
@@ -11,7 +13,7 @@ from pipeline.gpu_decode import GpuDecoder
 from pipeline.infer import Classifier, default_allocator_settings
 from pipeline.model import build_model, preprocessing_transforms, resolve_weights
 from pipeline.plan import list_images, new_plan
-from tests.conftest import write_image
+from tests.conftest import make_corpus, run_pipeline, write_image
 
 TRANSFORMS = preprocessing_transforms()
 PREPROCESS = Preprocess.from_transforms(TRANSFORMS)
@@ -128,3 +130,23 @@ def test_expandable_cuda_segments_are_the_default_unless_the_user_configured_the
         mine = {name: "max_split_size_mb:128"}
         default_allocator_settings(mine)
         assert mine == {name: "max_split_size_mb:128"}, "the user's setting is left alone"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: run it on the device machine")
+def test_on_a_gpu_the_warm_up_runs_beside_the_workers_and_rows_match_the_cpu_path(tmp_path, weights_file):
+    make_corpus(tmp_path / "in", 40, formats=("jpg", "png"), size=(320, 240))
+    logits = {}
+    for device in ("cuda", "cpu"):
+        result = run_pipeline("classify", str(tmp_path / "in"), str(tmp_path / device), "--weights", str(weights_file),
+                              "--device", device, "--workers", "2", "--batch-size", "16", "-v")
+        table = pq.read_table(tmp_path / device).sort_by("path")
+        assert table["status"].to_pylist() == ["ok"] * 40
+        logits[device] = np.array(table["logits"].to_pylist())
+        if device == "cuda":
+            assert "nvJPEG started in" in result.stderr and "the model's first forward took" in result.stderr
+            assert "warm-up failed" not in result.stderr
+
+    gpu, cpu = logits["cuda"], logits["cpu"]
+    cosine = (gpu * cpu).sum(1) / np.linalg.norm(gpu, axis=1) / np.linalg.norm(cpu, axis=1)
+    assert cosine.min() >= 0.999
+    assert (gpu.argmax(1) == cpu.argmax(1)).mean() >= 0.95
