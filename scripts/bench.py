@@ -27,6 +27,8 @@ from repo_env import REPO, repo_env
 
 ENVIRONMENT = ("PYTHONDONTWRITEBYTECODE", "PYTHONPYCACHEPREFIX", "PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF",
                "CUDA_VISIBLE_DEVICES")  # what changes the figures without changing the code: saved with them
+MILESTONES = {"planned_s": "INFO pipeline.runner: planned ", "classifying_s": "INFO pipeline.runner: classifying ",
+              "first_batch_s": "first batch on"}  # seconds from spawn to the job's log line that says so
 
 
 def _tree_rss_kib(pid: int) -> tuple[int, int]:
@@ -58,19 +60,20 @@ def _tree_rss_kib(pid: int) -> tuple[int, int]:
 
 
 def run_process(args: list[str], log_path: Path) -> dict:
-    """Run one whole process; time it, watch its memory, note when it logs its first batch."""
+    """Run one whole process; time it, watch its memory, note when it logs its MILESTONES."""
     env = repo_env(PYTHONUNBUFFERED="1")
     started = time.monotonic()
     process = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
-    seen: dict = {"first_batch_s": None, "summary": None}
+    seen: dict = {**dict.fromkeys(MILESTONES), "summary": None}
     peaks = [0, 0]
 
     def read_stderr() -> None:
         with open(log_path, "w") as log:
             for line in process.stderr:
                 log.write(line)
-                if seen["first_batch_s"] is None and "first batch on" in line:
-                    seen["first_batch_s"] = time.monotonic() - started
+                for key, marker in MILESTONES.items():
+                    if seen[key] is None and marker in line:
+                        seen[key] = time.monotonic() - started
                 if "done: images=" in line:
                     seen["summary"] = line.strip()
 
@@ -81,8 +84,9 @@ def run_process(args: list[str], log_path: Path) -> dict:
         peaks = [max(peaks[0], main_rss), max(peaks[1], tree_rss)]
         time.sleep(0.2)
     reader.join()
-    result = {"rc": process.returncode, "wall_s": time.monotonic() - started, "first_batch_s": seen["first_batch_s"],
-              "main_rss_mib": peaks[0] / 1024, "tree_rss_mib": peaks[1] / 1024, "log": str(log_path)}
+    result = {"rc": process.returncode, "wall_s": time.monotonic() - started,
+              **{key: seen[key] for key in MILESTONES}, "main_rss_mib": peaks[0] / 1024,
+              "tree_rss_mib": peaks[1] / 1024, "log": str(log_path)}
     if seen["summary"]:
         for key, value in re.findall(r"(\w+(?:/s)?)=([\d.]+)", seen["summary"]):
             result[key] = float(value)
@@ -171,12 +175,12 @@ def main() -> None:
             if args.json:  # after every run: a call cut short still leaves what it measured
                 args.json.write_text(json.dumps(results, indent=1))
     print(f"\n{'run':<11}{'images':>8}{'wall s':>8}{'img/s':>9}{'steady':>9}{'1st s':>7}{'rss MiB':>9}"
-          f"{'tree MiB':>10}{'gpu GiB':>8}")
+          f"{'tree MiB':>10}{'gpu GiB':>8}{'plan s':>8}")
     for name, r in results.items():
         if isinstance(r, dict) and "wall_s" in r:
             print(f"{name:<11}{r.get('images', 0):>8.0f}{r['wall_s']:>8.1f}{r['images_per_s']:>9.0f}"
                   f"{r.get('steady_img/s', 0):>9.0f}{r.get('first_batch_s') or 0:>7.1f}{r['main_rss_mib']:>9.0f}"
-                  f"{r['tree_rss_mib']:>10.0f}{r.get('gpu_peak_gib', 0):>8.2f}")
+                  f"{r['tree_rss_mib']:>10.0f}{r.get('gpu_peak_gib', 0):>8.2f}{r.get('planned_s') or 0:>8.1f}")
     if "agree" in results:
         print("agreement (GPU fp16 nvJPEG vs CPU fp32):", json.dumps(results["agree"]))
 

@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
 """Where the job's start-up goes, and what the model costs the host per batch (issue 5).
 
-    PYTHONPATH=. python3 scripts/startup.py [--json FILE]
+    PYTHONPATH=. python3 scripts/startup.py [--json FILE] [--corpus DIR]
 
 1. Imports, each in a fresh interpreter (median of 3): bare python, torch, torch + torchvision,
    and pipeline.runner (everything the job imports).
 2. In one fresh process per cudnn setting: CUDA start, model build and move, the first forward
    at batch 256 in fp16 channels_last and the steady forward rate, and nvJPEG's first and second
    decode of a tiny JPEG (the first starts the library).
+3. With --corpus, in fresh processes: listing the corpus (the plan's first step), starting CUDA,
+   and both at once with CUDA started on a thread: does CUDA's start overlap the listing?
 """
 
 from __future__ import annotations
@@ -90,16 +92,61 @@ def _child(benchmark: bool) -> None:
     print(json.dumps(steps))
 
 
+def _overlap_child(what: str, corpus: str) -> None:
+    import threading
+
+    import torch
+
+    from pipeline.plan import list_images
+
+    def cuda_start() -> None:
+        torch.cuda.set_device(0)
+        torch.zeros(1, device="cuda")
+        torch.cuda.synchronize()
+
+    started = time.perf_counter()
+    if what == "cuda":
+        cuda_start()
+    elif what == "list":
+        list_images(Path(corpus))
+    else:
+        thread = threading.Thread(target=cuda_start)
+        thread.start()
+        list_images(Path(corpus))
+        listed = time.perf_counter() - started
+        thread.join()
+        print(json.dumps({"list_s": listed, "both_s": time.perf_counter() - started}))
+        return
+    print(json.dumps({f"{what}_s": time.perf_counter() - started}))
+
+
+def overlap(corpus: Path) -> dict:
+    """Medians of 3 fresh processes each: list alone, CUDA start alone, CUDA on a thread while listing."""
+    results = {}
+    for what in ("list", "cuda", "both"):
+        runs = [json.loads(subprocess.run([sys.executable, __file__, "--overlap-child", what, str(corpus)],
+                                          check=True, env=repo_env(), capture_output=True, text=True).stdout)
+                for _ in range(3)]
+        results[what] = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--corpus", type=Path, help="also time the listing of this folder against CUDA's start")
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--overlap-child", nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
         return _child(bool(args.child))
+    if args.overlap_child is not None:
+        return _overlap_child(*args.overlap_child)
     results = {"imports_s": {name: import_seconds(code) for name, code in IMPORTS.items()}}
     for benchmark in (True, False):
         results[f"cudnn_benchmark_{benchmark}"] = model_startup(benchmark)
+    if args.corpus:
+        results["list_and_cuda"] = overlap(args.corpus)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))
