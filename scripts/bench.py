@@ -160,7 +160,7 @@ def main() -> None:
         ("small", lambda: job(small, args.work / "out-small", logs, "small", "--weights", "random", *workers)),
         ("cpu-decode", lambda: job(small, args.work / "out-cpu", logs, "cpu-decode", "--weights", "random",
                                    "--decode", "cpu", *workers)),
-        ("png", lambda: job(corpus(args.work, args.small // 4, "png,webp"), args.work / "out-png", logs, "png",
+        ("png", lambda: job(corpus(args.work, args.small // 2, "png,webp"), args.work / "out-png", logs, "png",
                             "--weights", "random", *workers)),
         ("agree", lambda: agreement(corpus(args.work, 1000), args.work, logs)),
         ("plain", lambda: baseline("plain", big, logs, args.workers)),
