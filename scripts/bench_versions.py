@@ -1,0 +1,69 @@
+#!/usr/bin/env python3
+"""An older commit of the job against this checkout, runs interleaved on one corpus (issue 5).
+
+    git archive REV pipeline | (mkdir -p /tmp/old && tar -x -C /tmp/old)
+    PYTHONPATH=. python3 scripts/bench_versions.py /tmp/old CORPUS_DIR --json $OUT/versions.json
+
+Figures swing between calls (each call gets a fresh machine), so a change is judged on runs of
+both versions taken alternately in one call. Each run is a whole `python -m pipeline classify`
+process with defaults and random weights: wall time from spawn to exit, the time until it logs its
+first batch on the device, and its summary line's figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from repo_env import REPO
+
+
+def run(root: Path, corpus: Path, out: Path) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    started, first_batch, summary = time.monotonic(), None, ""
+    process = subprocess.Popen([sys.executable, "-m", "pipeline", "classify", str(corpus), str(out), "--weights",
+                                "random", "--progress", "log"], stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": str(root)})
+    for line in process.stderr:
+        if first_batch is None and "first batch on" in line:
+            first_batch = time.monotonic() - started
+        if "done: images=" in line:
+            summary = line
+    process.wait()
+    return {"rc": process.returncode, "wall_s": time.monotonic() - started, "first_batch_s": first_batch,
+            **{key: float(value) for key, value in re.findall(r"(\w+(?:/s)?)=([\d.]+)", summary)}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("old", type=Path, help="a folder holding the older commit's pipeline/ package")
+    parser.add_argument("corpus", type=Path)
+    parser.add_argument("--runs", type=int, default=3, help="runs of each version")
+    parser.add_argument("--out", type=Path, default=Path("/tmp/bench/out-versions"))
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    rows = []
+    for number in range(args.runs):
+        for version, root in (("old", args.old), ("new", REPO)):
+            rows.append({"version": version, "run": number, **run(root, args.corpus, args.out)})
+            print(json.dumps(rows[-1]), flush=True)
+            if args.json:
+                args.json.write_text(json.dumps(rows, indent=1))
+    for version in ("old", "new"):
+        mine = [row for row in rows if row["version"] == version]
+        walls = sorted(round(row["wall_s"], 2) for row in mine)
+        print(f"{version}: wall s {walls} (median {statistics.median(walls)}), first batch s "
+              f"{sorted(round(row['first_batch_s'] or 0, 2) for row in mine)}, steady img/s "
+              f"{sorted(round(row.get('steady_img/s', 0)) for row in mine)}")
+
+
+if __name__ == "__main__":
+    main()
