@@ -7,7 +7,7 @@
 Figures swing between calls (each call gets a fresh machine), so a change is judged on runs of
 both versions taken alternately in one call. Each run is a whole `python -m pipeline classify`
 process with defaults and random weights: wall time from spawn to exit, the time until it logs its
-first batch on the device, and its summary line's figures.
+first batch on the device, the time from its last log line to its exit, and its summary line's figures.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from repo_env import REPO
 
 def run(root: Path, corpus: Path, out: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    started, first_batch, summary = time.monotonic(), None, ""
+    started, first_batch, done, summary = time.monotonic(), None, None, ""
     process = subprocess.Popen([sys.executable, "-m", "pipeline", "classify", str(corpus), str(out), "--weights",
                                 "random", "--progress", "log"], stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "PYTHONPATH": str(root)})
@@ -36,9 +36,11 @@ def run(root: Path, corpus: Path, out: Path) -> dict:
         if first_batch is None and "first batch on" in line:
             first_batch = time.monotonic() - started
         if "done: images=" in line:
-            summary = line
+            done, summary = time.monotonic(), line
     process.wait()
-    return {"rc": process.returncode, "wall_s": time.monotonic() - started, "first_batch_s": first_batch,
+    ended = time.monotonic()
+    return {"rc": process.returncode, "wall_s": ended - started, "first_batch_s": first_batch,
+            "exit_s": ended - done if done else None,
             **{key: float(value) for key, value in re.findall(r"(\w+(?:/s)?)=([\d.]+)", summary)}}
 
 
@@ -62,7 +64,8 @@ def main() -> None:
         walls = sorted(round(row["wall_s"], 2) for row in mine)
         print(f"{version}: wall s {walls} (median {statistics.median(walls)}), first batch s "
               f"{sorted(round(row['first_batch_s'] or 0, 2) for row in mine)}, steady img/s "
-              f"{sorted(round(row.get('steady_img/s', 0)) for row in mine)}")
+              f"{sorted(round(row.get('steady_img/s', 0)) for row in mine)}, exit s "
+              f"{sorted(round(row['exit_s'] or 0, 2) for row in mine)}")
 
 
 if __name__ == "__main__":
