@@ -82,17 +82,17 @@ class Classifier:
         self.first_launch: float | None = None  # monotonic time the first batch went to the device
         self._warming: list[threading.Thread] = []
 
-    def start_warm_up(self, batch_shape: tuple[int, ...]) -> None:
+    def start_warm_up(self) -> None:
         """On a GPU, start nvJPEG and load the model's kernels, on two threads, while the workers start and read.
 
         Each first call costs about 0.7 s (scripts/startup.py), waiting in C++ without the GIL, so
         both go by beside the workers' start; the first real batch then finds them ready.
         """
-        if self.device.type != "cuda":
+        if self.device.type != "cuda" or self.decoder is None:  # on a GPU the decoder is always there
             return
-        steps = [functools.partial(self._first_forward, batch_shape)]
-        if self.decoder is not None:
-            steps.append(self.decoder.warm_up)
+        size = self.decoder.preprocess.crop_size  # the shape of every batch decode_ahead hands the model
+        steps = [functools.partial(self._first_forward, (self.decoder.batch_size, 3, size, size)),
+                 self.decoder.warm_up]
         self._warming = [threading.Thread(target=self._warm_up, args=(step,), name="warm-up") for step in steps]
         for thread in self._warming:
             thread.start()

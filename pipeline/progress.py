@@ -47,10 +47,9 @@ class Waiting:
 
     def __init__(self):
         self.seconds = 0.0
-        self.items = 0
 
     def wrap(self, items: Iterable) -> Iterator:
-        iterator = iter(items)
+        iterator, first = iter(items), True
         while True:
             started = time.monotonic()
             try:
@@ -59,7 +58,7 @@ class Waiting:
                 return
             finally:
                 self.seconds += time.monotonic() - started
-            self.items += 1
-            if self.items == 1:
+            if first:
                 _logger.debug("first batch from the workers")
+                first = False
             yield item

@@ -173,10 +173,9 @@ def _run(config: Config, out: Path, rank: ranks.Rank, stopping: stop.Stop, start
     #   workers start now; a worker's death costs its file a row, not the run; a stop signal ends the batches,
     #   and the workers with them
     _logger.debug("%d workers started", config.workers)
-    classifier.start_warm_up((config.batch_size, 3, preprocess.crop_size, preprocess.crop_size))  # nvJPEG's and the
-    #   model's first calls, about 1.4 s, go by while the workers read the first batch. Only once the workers
-    #   have forked: started before, a job hung on an H100, likely a worker forked while a thread held a lock
-    #   (CUDA libraries load lazily on first calls)
+    classifier.start_warm_up()  # nvJPEG's and the model's first calls, about 1.4 s, go by while the workers read
+    #   the first batch. Only once the workers have forked: started before, a job hung on an H100, likely a
+    #   worker forked while a thread held a lock (CUDA libraries load lazily on first calls)
     _logger.info("classifying %d images (%d shards) on %s with %d workers, %d already committed",
                  len(indices), len(pending), device, config.workers, rows - len(indices))
 
