@@ -181,10 +181,11 @@ class Batch:
     def pin_memory(self) -> Batch:
         """Called by the DataLoader's pin-memory thread, so copies to the GPU can be asynchronous.
 
-        The JPEG bytes stay unpinned: nvJPEG parses them on the host, and pinning them cost the
-        GIL a sixth of its time on the GPU box (py-spy) for no measurable decoding gain.
+        The JPEG bytes are pinned too: nvJPEG copies each file to the device inside torchvision's
+        decode call, which holds a process-wide lock; from pageable memory each copy is staged on the
+        host first (docs/benchmarks.md, "Fourth session").
         """
-        return dataclasses.replace(self, images=self.images.pin_memory())
+        return dataclasses.replace(self, images=self.images.pin_memory(), encoded=self.encoded.pin_memory())
 
 
 class ImageFiles(Dataset):

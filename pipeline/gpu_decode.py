@@ -97,7 +97,7 @@ class GpuDecoder:
         sampling antialiases); agrees with Pillow's antialiased bilinear resize to a logit cosine of 0.9999.
 
         Images are padded to a common size per chunk of similar sizes, bounding the padding memory.
-        No Python runs per image beyond reading its shape: the padding is one nested-tensor call, and
+        No Python runs per image beyond reading its shape: the padding is two nested-tensor calls, and
         the batch's row numbers and boxes cross to the device in two copies.
         """
         sizes = np.array([image.shape[1:] for image in images], dtype=np.int64).reshape(-1, 2)
@@ -108,10 +108,12 @@ class GpuDecoder:
         for start in range(0, len(order), RESIZE_CHUNK):
             chunk = order[start : start + RESIZE_CHUNK]
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # "nested tensors are a prototype": strided ones pad in one call
-                padded = torch.nested.to_padded_tensor(torch.nested.nested_tensor([images[i] for i in chunk]), 0)
-            # float32: in half precision, sample positions past pixel 512 would round to half a pixel
-            pixels = roi_align(padded.float(), rois_on_device[start : start + len(chunk)],
+                warnings.simplefilter("ignore")  # "nested tensors are a prototype"
+                nested = torch.nested.nested_tensor([images[i] for i in chunk]).to(torch.float32)
+                padded = torch.nested.to_padded_tensor(nested, 0.0)  # float32 pads in one kernel, uint8 image
+                #   by image; float32 also because in half precision, roi_align's sample positions past
+                #   pixel 512 would round to half a pixel
+            pixels = roi_align(padded, rois_on_device[start : start + len(chunk)],
                                output_size=self.preprocess.crop_size, spatial_scale=1.0, sampling_ratio=-1,
                                aligned=True)
             out.index_copy_(0, rows_on_device[start : start + len(chunk)], pixels.to(out.dtype))

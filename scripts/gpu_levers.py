@@ -1,0 +1,185 @@
+#!/usr/bin/env python3
+"""The job's GPU side with one lever changed at a time, interleaved, on batches held in memory (issue 5).
+
+    PYTHONPATH=. python3 scripts/gpu_levers.py CORPUS_DIR [--images 20480] [--repeats 3]
+
+Each variant runs Classifier.score (decode_ahead, the model, results back on the host) over the
+same batches; the variants take turns, `repeats` rounds, so drift of the machine hits them alike.
+Then each variant runs once more under torch.profiler: its device time and kernel launches per
+image. Levers: the JPEG bytes in pinned memory (pinned before timing: an upper bound), how each
+resize chunk is padded (uint8 image by image, as the job does; or float32 in one kernel), whether
+each image is first cut to the part its crop samples, and the model's BatchNorm folded into its
+convolutions (torch.fx's fuse, or TorchScript's optimize_for_inference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.profiler import ProfilerActivity, profile
+from torchvision.ops import roi_align
+
+from pipeline.decode import Preprocess, Sample, collate
+from pipeline.gpu_decode import RESIZE_CHUNK, GpuDecoder, decode_ahead
+from pipeline.infer import Classifier
+from pipeline.model import build_model, preprocessing_transforms, resolve_weights
+
+
+class VariantDecoder(GpuDecoder):
+    """GpuDecoder whose resize pads in float32 (one kernel a chunk) and/or cuts each image to its crop's reach."""
+
+    def __init__(self, *args, float_pad: bool, crop_first: bool, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.float_pad, self.crop_first = float_pad, crop_first
+        self.decode_seconds = 0.0  # inside torchvision's decode call (its lock held), all threads
+
+    def _decode_all(self, jpegs: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        started = time.perf_counter()
+        try:
+            return super()._decode_all(jpegs)
+        finally:
+            self.decode_seconds += time.perf_counter() - started
+
+    def resize_into(self, out: torch.Tensor, rows: np.ndarray, images: list[torch.Tensor]) -> None:
+        sizes = np.array([image.shape[1:] for image in images], dtype=np.int64).reshape(-1, 2)
+        boxes = self.crop_boxes(sizes)
+        if self.crop_first:  # the rows and columns roi_align can read: the box, two pixels around it
+            x0 = np.maximum(np.floor(boxes[:, 0]).astype(np.int64) - 2, 0)
+            y0 = np.maximum(np.floor(boxes[:, 1]).astype(np.int64) - 2, 0)
+            x1 = np.minimum(np.ceil(boxes[:, 2]).astype(np.int64) + 2, sizes[:, 1])
+            y1 = np.minimum(np.ceil(boxes[:, 3]).astype(np.int64) + 2, sizes[:, 0])
+            images = [image[:, a:b, c:d] for image, a, b, c, d in zip(images, y0, y1, x0, x1, strict=True)]
+            boxes = boxes - np.stack([x0, y0, x0, y0], axis=1)
+            sizes = np.stack([y1 - y0, x1 - x0], axis=1)
+        order = np.argsort(sizes[:, 0] * sizes[:, 1], kind="stable")
+        in_chunk = np.arange(len(images)) % RESIZE_CHUNK
+        rois = np.concatenate([in_chunk[:, None], boxes[order]], axis=1).astype(np.float32)
+        rois_on_device, rows_on_device = self._on_device(rois), self._on_device(rows[order])
+        for start in range(0, len(order), RESIZE_CHUNK):
+            chunk = order[start : start + RESIZE_CHUNK]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                nested = torch.nested.nested_tensor([images[i] for i in chunk])
+                if self.float_pad:
+                    padded = torch.nested.to_padded_tensor(nested.to(torch.float32), 0.0)
+                else:
+                    padded = torch.nested.to_padded_tensor(nested, 0).float()
+            pixels = roi_align(padded, rois_on_device[start : start + len(chunk)],
+                               output_size=self.preprocess.crop_size, spatial_scale=1.0, sampling_ratio=-1,
+                               aligned=True)
+            out.index_copy_(0, rows_on_device[start : start + len(chunk)], pixels.to(out.dtype))
+
+
+def fx_fused(net: torch.nn.Module) -> torch.nn.Module:
+    from torch.fx.experimental.optimization import fuse
+
+    return fuse(net)
+
+
+def jit_optimized(net: torch.nn.Module, example: torch.Tensor) -> torch.nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.jit.optimize_for_inference(torch.jit.trace(net, example))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("corpus", type=Path)
+    parser.add_argument("--images", type=int, default=20_480)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--variants", default="current,pinned,float-pad,pinned+float,decode-only,pinned-decode-only,"
+                        "decode-only-1-thread")
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+    files = sorted(args.corpus.rglob("*.jpg"))[: args.images]
+    size = args.batch_size
+    batches = [collate([Sample(i, encoded=f.read_bytes()) for i, f in enumerate(files[s : s + size], s)])
+               for s in range(0, len(files), size)]
+    device = torch.device("cuda", 0)
+    torch.cuda.set_device(device)
+    transforms = preprocessing_transforms()
+    preprocess = Preprocess.from_transforms(transforms)
+    dtype = torch.float16
+
+    def classifier(float_pad=False, crop_first=False, model="plain") -> Classifier:
+        decoder = VariantDecoder(device, preprocess, size, dtype, float_pad=float_pad, crop_first=crop_first)
+        net = build_model(resolve_weights("random", 0))
+        started = time.perf_counter()
+        if model == "fx":
+            net = fx_fused(net)
+        made = Classifier(net, device, transforms.mean, transforms.std, 5, dtype, decoder)
+        if model == "jit":
+            example = torch.zeros((size, 3, 224, 224), dtype=dtype, device=device).to(
+                memory_format=torch.channels_last)
+            made.model = jit_optimized(made.model, example)
+        print(f"{model:>6} model ready in {time.perf_counter() - started:.2f} s", flush=True)
+        return made
+
+    makers = {  # name: (the classifier, JPEG bytes pinned, the model run or only decode_ahead)
+        "current": (lambda: classifier(), False, True),
+        "pinned": (lambda: classifier(), True, True),
+        "fx-fuse": (lambda: classifier(model="fx"), False, True),
+        "jit": (lambda: classifier(model="jit"), False, True),
+        "float-pad": (lambda: classifier(float_pad=True), False, True),
+        "pinned+float": (lambda: classifier(float_pad=True), True, True),
+        "crop-first": (lambda: classifier(crop_first=True), False, True),
+        "crop+float": (lambda: classifier(float_pad=True, crop_first=True), False, True),
+        "decode-only": (lambda: classifier(), False, False),
+        "pinned-decode-only": (lambda: classifier(), True, False),
+        "decode-only-1-thread": (lambda: classifier(), False, False),
+    }
+    pinned = [dataclasses.replace(batch, encoded=batch.encoded.pin_memory()) for batch in batches]
+    variants = {name: makers[name] for name in args.variants.split(",")}
+    made = {name: maker() for name, (maker, _, _) in variants.items()}
+
+    def run(name: str) -> None:
+        _, pin, model = variants[name]
+        inputs = iter(pinned if pin else batches)
+        if model:
+            for _ in made[name].score(inputs):
+                pass
+        else:
+            for _ in decode_ahead(inputs, made[name].decoder, threads=1 if name.endswith("1-thread") else 2):
+                pass
+            torch.cuda.synchronize()
+
+    reference = None
+    for name in variants:  # warm-up, and agreement with the first variant
+        logits = np.concatenate([scored.logits for scored in made[name].score(iter(batches[:4]))])
+        reference = logits if reference is None else reference
+        cosine = (logits * reference).sum(1) / np.linalg.norm(logits, axis=1) / np.linalg.norm(reference, axis=1)
+        print(f"{name:<20} logits vs {next(iter(variants))}: cosine min {cosine.min():.6f}", flush=True)
+    rates: dict[str, list[float]] = {name: [] for name in variants}
+    decode_share: dict[str, list[float]] = {name: [] for name in variants}
+    decode_ms: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(args.repeats):
+        for name in variants:
+            made[name].decoder.decode_seconds = 0.0
+            started = time.perf_counter()
+            run(name)
+            wall = time.perf_counter() - started
+            rates[name].append(len(files) / wall)
+            decode_share[name].append(made[name].decoder.decode_seconds / wall)
+            decode_ms[name].append(made[name].decoder.decode_seconds / len(batches) * 1e3)
+    for name in variants:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            run(name)
+        kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and e.device_time_total > 0]
+        device_us = sum(e.device_time_total for e in kernels) / len(files)
+        launches = sum(e.count for e in kernels) / len(batches)
+        spread = ", ".join(f"{rate:,.0f}" for rate in rates[name])
+        share, call_ms = statistics.median(decode_share[name]), statistics.median(decode_ms[name])
+        print(f"{name:<20} {statistics.median(rates[name]):>8,.0f} img/s ({spread})  decode call "
+              f"{share:4.0%} of wall, {call_ms:5.1f} ms a batch;  device "
+              f"{device_us:6.2f} us/img, {launches:5.0f} kernels+copies a batch", flush=True)
+
+if __name__ == "__main__":
+    main()
