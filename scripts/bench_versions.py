@@ -7,7 +7,8 @@
 Figures swing between calls (each call gets a fresh machine), so a change is judged on runs of
 both versions taken alternately in one call. Each run is a whole `python -m pipeline classify`
 process with defaults and random weights: wall time from spawn to exit, the time until it logs its
-first batch on the device, the time from its last log line to its exit, and its summary line's figures.
+first batch on the device, the time from its last log line to its exit, its peak resident memory
+when it logs its summary, and that line's figures.
 """
 
 from __future__ import annotations
@@ -26,9 +27,19 @@ from pathlib import Path
 from repo_env import REPO
 
 
+def peak_rss_mib(pid: int) -> float | None:
+    """The process's peak resident memory so far (VmHWM), or None where /proc does not say."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    found = re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE)
+    return int(found.group(1)) / 1024 if found else None
+
+
 def run(root: Path, corpus: Path, out: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    started, first_batch, done, summary = time.monotonic(), None, None, ""
+    started, first_batch, done, summary, peak = time.monotonic(), None, None, "", None
     process = subprocess.Popen([sys.executable, "-m", "pipeline", "classify", str(corpus), str(out), "--weights",
                                 "random", "--progress", "log"], stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "PYTHONPATH": str(root)})
@@ -37,10 +48,11 @@ def run(root: Path, corpus: Path, out: Path) -> dict:
             first_batch = time.monotonic() - started
         if "done: images=" in line:
             done, summary = time.monotonic(), line
+            peak = peak_rss_mib(process.pid)  # read while it lives: no polling, which would slow it
     process.wait()
     ended = time.monotonic()
     return {"rc": process.returncode, "wall_s": ended - started, "first_batch_s": first_batch,
-            "exit_s": ended - done if done else None,
+            "exit_s": ended - done if done else None, "main_peak_rss_mib": peak,
             **{key: float(value) for key, value in re.findall(r"(\w+(?:/s)?)=([\d.]+)", summary)}}
 
 
@@ -65,7 +77,8 @@ def main() -> None:
         print(f"{version}: wall s {walls} (median {statistics.median(walls)}), first batch s "
               f"{sorted(round(row['first_batch_s'] or 0, 2) for row in mine)}, steady img/s "
               f"{sorted(round(row.get('steady_img/s', 0)) for row in mine)}, exit s "
-              f"{sorted(round(row['exit_s'] or 0, 2) for row in mine)}")
+              f"{sorted(round(row['exit_s'] or 0, 2) for row in mine)}, main peak RSS MiB "
+              f"{sorted(round(row['main_peak_rss_mib'] or 0) for row in mine)}")
 
 
 if __name__ == "__main__":

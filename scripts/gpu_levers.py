@@ -5,11 +5,17 @@
 
 Each variant runs Classifier.score (decode_ahead, the model, results back on the host) over the
 same batches; the variants take turns, `repeats` rounds, so drift of the machine hits them alike.
-Then each variant runs once more under torch.profiler: its device time and kernel launches per
-image. Levers: the JPEG bytes in pinned memory (pinned before timing: an upper bound), how each
-resize chunk is padded (uint8 image by image, as the job does; or float32 in one kernel), whether
-each image is first cut to the part its crop samples, and the model's BatchNorm folded into its
-convolutions (torch.fx's fuse, or TorchScript's optimize_for_inference).
+Each line also says how much of the wall time was spent inside torchvision's decode call, summed
+over the decode threads (waiting for its lock included: above 100 %, one thread waited while the
+other decoded). Then each variant runs once more under torch.profiler: its device time and
+kernel launches per image.
+
+Variants: "current" is the job before commit 410f8ed (each resize chunk padded as uint8, image by
+image, from unpinned JPEG bytes); "pinned+float" is the job since (JPEG bytes pinned, before the
+timing here as the DataLoader's pin thread does in the job; chunks padded in float32, one kernel).
+Others: each of those two alone, each image first cut to the part its crop samples (crop-first),
+the model's BatchNorm folded into its convolutions (torch.fx's fuse; TorchScript's
+optimize_for_inference), and decode_ahead alone without the model, on two threads or one.
 """
 
 from __future__ import annotations
@@ -132,6 +138,7 @@ def main() -> None:
         "pinned+float": (lambda: classifier(float_pad=True), True, True),
         "crop-first": (lambda: classifier(crop_first=True), False, True),
         "crop+float": (lambda: classifier(float_pad=True, crop_first=True), False, True),
+        "all-fx": (lambda: classifier(float_pad=True, crop_first=True, model="fx"), False, True),
         "decode-only": (lambda: classifier(), False, False),
         "pinned-decode-only": (lambda: classifier(), True, False),
         "decode-only-1-thread": (lambda: classifier(), False, False),

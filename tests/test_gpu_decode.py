@@ -150,3 +150,14 @@ def test_on_a_gpu_the_warm_up_runs_beside_the_workers_and_rows_match_the_cpu_pat
     cosine = (gpu * cpu).sum(1) / np.linalg.norm(gpu, axis=1) / np.linalg.norm(cpu, axis=1)
     assert cosine.min() >= 0.999
     assert (gpu.argmax(1) == cpu.argmax(1)).mean() >= 0.95
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: run it on the device machine")
+def test_the_pin_thread_pins_the_jpeg_bytes_so_nvjpeg_copies_them_without_staging(tmp_path):
+    make_corpus(tmp_path / "in", 6, formats=("jpg", "png"))
+    _, batch = _batch(tmp_path / "in", gpu_jpeg=True)
+    assert len(batch.encoded_at) == 3 and len(batch.decoded_at) == 3
+    pinned = batch.pin_memory()
+    assert pinned.encoded.is_pinned() and pinned.images.is_pinned()
+    assert all(view.is_pinned() for view in pinned.jpegs()), "each file's view lies in the pinned block"
+    assert torch.equal(pinned.encoded, batch.encoded)
