@@ -20,14 +20,17 @@ import time
 import warnings
 from pathlib import Path
 
+from held import jpeg_files
+
 KINDS = ("decode", "model", "decode+model")
 
 
 def worker(kind: str, files: list[Path], batch_size: int, seconds: float, barrier, results) -> None:
     warnings.simplefilter("ignore")
     import torch
+    from held import held_batches
 
-    from pipeline.decode import Preprocess, Sample, collate
+    from pipeline.decode import Preprocess
     from pipeline.gpu_decode import GpuDecoder, decode_ahead
     from pipeline.infer import Classifier
     from pipeline.model import build_model, preprocessing_transforms, resolve_weights
@@ -38,8 +41,7 @@ def worker(kind: str, files: list[Path], batch_size: int, seconds: float, barrie
     decoder = GpuDecoder(device, Preprocess.from_transforms(transforms), batch_size, torch.float16)
     classifier = Classifier(build_model(resolve_weights("random", 0)), device, transforms.mean, transforms.std, 5,
                             torch.float16, decoder)
-    batches = [collate([Sample(i, encoded=f.read_bytes()) for i, f in enumerate(files[s : s + batch_size], s)])
-               for s in range(0, len(files), batch_size)]
+    batches = held_batches(files, batch_size)
     zeros = torch.zeros((batch_size, 3, 224, 224), dtype=torch.float16, device=device)
 
     def until(deadline: float):
@@ -98,7 +100,7 @@ def main() -> None:
                         help="semicolon-separated sets of processes run together, each a comma list of "
                         + "/".join(KINDS))
     args = parser.parse_args()
-    files = sorted(args.corpus.rglob("*.jpg"))[: args.images]
+    files = jpeg_files(args.corpus, args.images)
     for kinds in args.sets.split(";"):
         measure(kinds.split(","), files, args.batch_size, args.seconds)
 

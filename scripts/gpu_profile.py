@@ -17,11 +17,12 @@ import warnings
 from pathlib import Path
 
 import torch
+from held import held_batches, jpeg_files
 from torch.profiler import ProfilerActivity, profile
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import functional as F
 
-from pipeline.decode import Preprocess, Sample, collate
+from pipeline.decode import Preprocess
 from pipeline.gpu_decode import GpuDecoder, decode_ahead
 from pipeline.infer import Classifier
 from pipeline.model import build_model, preprocessing_transforms, resolve_weights
@@ -114,10 +115,9 @@ def main() -> None:
     parser.add_argument("--kernels-only", action="store_true", help="skip the resize variants")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
-    files = sorted(args.corpus.rglob("*.jpg"))[: args.images]
+    files = jpeg_files(args.corpus, args.images)
     size = args.batch_size
-    batches = [collate([Sample(i, encoded=f.read_bytes()) for i, f in enumerate(files[s : s + size], s)])
-               for s in range(0, len(files), size)]
+    batches = held_batches(files, size)
     device = torch.device("cuda", 0)
     torch.cuda.set_device(device)
     transforms = preprocessing_transforms()

@@ -17,11 +17,12 @@ import warnings
 from pathlib import Path
 
 import torch
+from held import held_batches, jpeg_files
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from pipeline import gpu_decode, guard
 from pipeline.config import default_workers
-from pipeline.decode import ImageFiles, Preprocess, Sample, collate
+from pipeline.decode import ImageFiles, Preprocess
 from pipeline.gpu_decode import GpuDecoder, decode_ahead
 from pipeline.infer import Classifier
 from pipeline.model import build_model, preprocessing_transforms, resolve_weights
@@ -44,10 +45,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     args = parser.parse_args()
     warnings.simplefilter("ignore")
-    files = sorted(args.corpus.rglob("*.jpg"))[: args.images]
+    files = jpeg_files(args.corpus, args.images)
     n, size = len(files), args.batch_size
-    batches = [collate([Sample(i, encoded=f.read_bytes()) for i, f in enumerate(files[start : start + size], start)])
-               for start in range(0, n, size)]
+    batches = held_batches(files, size)
     device = torch.device("cuda", 0)
     torch.cuda.set_device(device)
     transforms = preprocessing_transforms()
