@@ -29,14 +29,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from held import held_batches, jpeg_files
+from held import first_gpu, held_batches, jpeg_files
 from torch.profiler import ProfilerActivity, profile
 from torchvision.ops import roi_align
 
-from pipeline.decode import Preprocess
 from pipeline.gpu_decode import RESIZE_CHUNK, GpuDecoder, decode_ahead
 from pipeline.infer import Classifier
-from pipeline.model import build_model, preprocessing_transforms, resolve_weights
+from pipeline.model import build_model, resolve_weights
 
 
 class VariantDecoder(GpuDecoder):
@@ -109,10 +108,7 @@ def main() -> None:
     files = jpeg_files(args.corpus, args.images)
     size = args.batch_size
     batches = held_batches(files, size)
-    device = torch.device("cuda", 0)
-    torch.cuda.set_device(device)
-    transforms = preprocessing_transforms()
-    preprocess = Preprocess.from_transforms(transforms)
+    device, transforms, preprocess = first_gpu()
     dtype = torch.float16
 
     def classifier(float_pad=False, crop_first=False, model="plain") -> Classifier:

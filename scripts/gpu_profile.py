@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from held import held_batches, jpeg_files
+from held import first_gpu, held_batches, jpeg_files
 from torch.profiler import ProfilerActivity, profile
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import functional as F
@@ -25,7 +25,7 @@ from torchvision.transforms import functional as F
 from pipeline.decode import Preprocess
 from pipeline.gpu_decode import GpuDecoder, decode_ahead
 from pipeline.infer import Classifier
-from pipeline.model import build_model, preprocessing_transforms, resolve_weights
+from pipeline.model import build_model, resolve_weights
 
 
 def kernel_table(batches, decoder: GpuDecoder, classifier: Classifier, images: int) -> None:
@@ -118,10 +118,7 @@ def main() -> None:
     files = jpeg_files(args.corpus, args.images)
     size = args.batch_size
     batches = held_batches(files, size)
-    device = torch.device("cuda", 0)
-    torch.cuda.set_device(device)
-    transforms = preprocessing_transforms()
-    preprocess = Preprocess.from_transforms(transforms)
+    device, transforms, preprocess = first_gpu()
     decoder = GpuDecoder(device, preprocess, size, torch.float16)
     classifier = Classifier(build_model(resolve_weights("random", 0)), device, transforms.mean, transforms.std, 5,
                             torch.float16, decoder)

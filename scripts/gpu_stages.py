@@ -17,15 +17,15 @@ import warnings
 from pathlib import Path
 
 import torch
-from held import held_batches, jpeg_files
+from held import first_gpu, held_batches, jpeg_files
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from pipeline import gpu_decode, guard
 from pipeline.config import default_workers
-from pipeline.decode import ImageFiles, Preprocess
+from pipeline.decode import ImageFiles
 from pipeline.gpu_decode import GpuDecoder, decode_ahead
 from pipeline.infer import Classifier
-from pipeline.model import build_model, preprocessing_transforms, resolve_weights
+from pipeline.model import build_model, resolve_weights
 from pipeline.plan import list_images, new_plan
 
 
@@ -48,10 +48,7 @@ def main() -> None:
     files = jpeg_files(args.corpus, args.images)
     n, size = len(files), args.batch_size
     batches = held_batches(files, size)
-    device = torch.device("cuda", 0)
-    torch.cuda.set_device(device)
-    transforms = preprocessing_transforms()
-    preprocess = Preprocess.from_transforms(transforms)
+    device, transforms, preprocess = first_gpu()
     decoder = GpuDecoder(device, preprocess, size, torch.float16)
 
     def decode_only():

@@ -1,11 +1,15 @@
 """What the GPU-side scripts share: a corpus's JPEG files held in memory as the job's own Batch objects,
-so no DataLoader, disk or writer is timed. The scripts import it as a sibling module."""
+so no DataLoader, disk or writer is timed, and the GPU set up as the job sets it up. The scripts import it
+as a sibling module."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.decode import Batch, Sample, collate
+import torch
+
+from pipeline.decode import Batch, Preprocess, Sample, collate
+from pipeline.model import preprocessing_transforms
 
 
 def jpeg_files(corpus: Path, count: int) -> list[Path]:
@@ -17,3 +21,11 @@ def held_batches(files: list[Path], batch_size: int) -> list[Batch]:
     """The files read into memory, batch_size a Batch, every file left to the GPU decoder."""
     return [collate([Sample(i, encoded=f.read_bytes()) for i, f in enumerate(files[start : start + batch_size], start)])
             for start in range(0, len(files), batch_size)]
+
+
+def first_gpu() -> tuple[torch.device, object, Preprocess]:
+    """GPU 0, made the current device; the weights' transforms and the sizes the job reads off them."""
+    device = torch.device("cuda", 0)
+    torch.cuda.set_device(device)
+    transforms = preprocessing_transforms()
+    return device, transforms, Preprocess.from_transforms(transforms)
