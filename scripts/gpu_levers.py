@@ -15,7 +15,8 @@ image, from unpinned JPEG bytes); "pinned+float" is the job since (JPEG bytes pi
 timing here as the DataLoader's pin thread does in the job; chunks padded in float32, one kernel).
 Others: each of those two alone, each image first cut to the part its crop samples (crop-first),
 the model's BatchNorm folded into its convolutions (torch.fx's fuse; TorchScript's
-optimize_for_inference), and decode_ahead alone without the model, on two threads or one.
+optimize_for_inference), the model under torch.compile (compiled in the warm-up, which is timed),
+and decode_ahead alone without the model, on two threads or one.
 """
 
 from __future__ import annotations
@@ -118,6 +119,8 @@ def main() -> None:
         if model == "fx":
             net = fx_fused(net)
         made = Classifier(net, device, transforms.mean, transforms.std, 5, dtype, decoder)
+        if model == "compile":  # compiled on its first call, in the warm-up below
+            made.model = torch.compile(made.model)
         if model == "jit":
             example = torch.zeros((size, 3, 224, 224), dtype=dtype, device=device).to(
                 memory_format=torch.channels_last)
@@ -135,6 +138,7 @@ def main() -> None:
         "crop-first": (lambda: classifier(crop_first=True), False, True),
         "crop+float": (lambda: classifier(float_pad=True, crop_first=True), False, True),
         "all-fx": (lambda: classifier(float_pad=True, crop_first=True, model="fx"), False, True),
+        "pinned+float+compile": (lambda: classifier(float_pad=True, model="compile"), True, True),
         "decode-only": (lambda: classifier(), False, False),
         "pinned-decode-only": (lambda: classifier(), True, False),
         "decode-only-1-thread": (lambda: classifier(), False, False),
@@ -155,8 +159,10 @@ def main() -> None:
             torch.cuda.synchronize()
 
     reference = None
-    for name in variants:  # warm-up, and agreement with the first variant
+    for name in variants:  # warm-up (and compilation), and agreement with the first variant
+        started = time.perf_counter()
         logits = np.concatenate([scored.logits for scored in made[name].score(iter(batches[:4]))])
+        print(f"{name:<20} warm-up {time.perf_counter() - started:.1f} s", flush=True)
         reference = logits if reference is None else reference
         cosine = (logits * reference).sum(1) / np.linalg.norm(logits, axis=1) / np.linalg.norm(reference, axis=1)
         print(f"{name:<20} logits vs {next(iter(variants))}: cosine min {cosine.min():.6f}", flush=True)
