@@ -13,13 +13,12 @@ the last lines compare pixels with torchvision's.
 
 from __future__ import annotations
 
-import argparse
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import torch
+from held import corpus_parser, jpeg_files
 from torchvision.io import ImageReadMode, decode_jpeg
 
 
@@ -41,14 +40,11 @@ def in_threads(threads: int, batches: list, decode_batch) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("corpus", type=Path)
-    parser.add_argument("--images", type=int, default=10_240)
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser = corpus_parser(__doc__, images=10_240)
     parser.add_argument("--libraries", default="torchvision,nvimgcodec", help="comma list of the libraries to time")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
-    files = sorted(args.corpus.rglob("*.jpg"))[: args.images]
+    files = jpeg_files(args.corpus, args.images)
     data = [f.read_bytes() for f in files]
     size, n = args.batch_size, len(data)
     tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data]

@@ -21,16 +21,14 @@ and decode_ahead alone without the model, on two threads or one.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import statistics
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
 import torch
-from held import first_gpu, held_batches, jpeg_files
+from held import corpus_parser, first_gpu, held_batches, jpeg_files
 from torch.profiler import ProfilerActivity, profile
 from torchvision.ops import roi_align
 
@@ -97,10 +95,7 @@ def jit_optimized(net: torch.nn.Module, example: torch.Tensor) -> torch.nn.Modul
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("corpus", type=Path)
-    parser.add_argument("--images", type=int, default=20_480)
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser = corpus_parser(__doc__, images=20_480)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--variants", default="current,pinned,float-pad,pinned+float,decode-only,pinned-decode-only,"
                         "decode-only-1-thread")

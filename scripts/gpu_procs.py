@@ -13,14 +13,13 @@ is both in one process, as in the job. The files are read into memory first: no 
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import multiprocessing as mp
 import time
 import warnings
 from pathlib import Path
 
-from held import jpeg_files
+from held import corpus_parser, jpeg_files
 
 KINDS = ("decode", "model", "decode+model")
 
@@ -90,10 +89,7 @@ def measure(kinds: list[str], files: list[Path], batch_size: int, seconds: float
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("corpus", type=Path)
-    parser.add_argument("--images", type=int, default=10_240)
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser = corpus_parser(__doc__, images=10_240)
     parser.add_argument("--seconds", type=float, default=8)
     parser.add_argument("--sets", default="decode;decode,decode;decode,decode,decode;model;decode+model;"
                         "decode+model,decode+model;model,decode;model,decode,decode;decode+model,decode",

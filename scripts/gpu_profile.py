@@ -11,13 +11,11 @@ compares each with torchvision's own antialiased resize and center crop of each 
 
 from __future__ import annotations
 
-import argparse
 import time
 import warnings
-from pathlib import Path
 
 import torch
-from held import first_gpu, held_batches, jpeg_files
+from held import corpus_parser, first_gpu, held_batches, jpeg_files
 from torch.profiler import ProfilerActivity, profile
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import functional as F
@@ -108,10 +106,7 @@ class MatmulResize:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("corpus", type=Path)
-    parser.add_argument("--images", type=int, default=10_240)
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser = corpus_parser(__doc__, images=10_240)
     parser.add_argument("--kernels-only", action="store_true", help="skip the resize variants")
     args = parser.parse_args()
     warnings.simplefilter("ignore")

@@ -10,14 +10,12 @@ threads that overlap them. Each line is images/s over all the batches, after one
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import time
 import warnings
-from pathlib import Path
 
 import torch
-from held import first_gpu, held_batches, jpeg_files
+from held import corpus_parser, first_gpu, held_batches, jpeg_files
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from pipeline import gpu_decode, guard
@@ -39,10 +37,7 @@ def rate(name: str, images: int, run) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("corpus", type=Path)
-    parser.add_argument("--images", type=int, default=20_000)
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser = corpus_parser(__doc__, images=20_000)
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     files = jpeg_files(args.corpus, args.images)

@@ -4,12 +4,23 @@ as a sibling module."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import torch
 
 from pipeline.decode import Batch, Preprocess, Sample, collate
 from pipeline.model import preprocessing_transforms
+
+
+def corpus_parser(description: str, images: int) -> argparse.ArgumentParser:
+    """A script's argument parser with what every one of them takes: the corpus, how many of its
+    JPEGs, and the batch size."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("corpus", type=Path)
+    parser.add_argument("--images", type=int, default=images)
+    parser.add_argument("--batch-size", type=int, default=256)
+    return parser
 
 
 def jpeg_files(corpus: Path, count: int) -> list[Path]:
