@@ -4,11 +4,15 @@
     git archive REV pipeline | (mkdir -p /tmp/old && tar -x -C /tmp/old)
     PYTHONPATH=. python3 scripts/bench_versions.py /tmp/old CORPUS_DIR --json $OUT/versions.json
 
+or this checkout against itself with an option added, e.g. `--compile`:
+
+    PYTHONPATH=. python3 scripts/bench_versions.py . CORPUS_DIR --new-args=--compile
+
 Figures swing between calls (each call gets a fresh machine), so a change is judged on runs of
 both versions taken alternately in one call. Each run is a whole `python -m pipeline classify`
-process with defaults and random weights: wall time from spawn to exit, the time until it logs its
-first batch on the device, the time from its last log line to its exit, its peak resident memory
-when it logs its summary, and that line's figures.
+process with defaults (plus --new-args on the checkout's side) and random weights: wall time from
+spawn to exit, the time until it logs its first batch on the device, the time from its last log
+line to its exit, its peak resident memory when it logs its summary, and that line's figures.
 """
 
 from __future__ import annotations
@@ -37,11 +41,11 @@ def peak_rss_mib(pid: int) -> float | None:
     return int(found.group(1)) / 1024 if found else None
 
 
-def run(root: Path, corpus: Path, out: Path) -> dict:
+def run(root: Path, corpus: Path, out: Path, extra: list[str]) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     started, first_batch, done, summary, peak = time.monotonic(), None, None, "", None
     process = subprocess.Popen([sys.executable, "-m", "pipeline", "classify", str(corpus), str(out), "--weights",
-                                "random", "--progress", "log"], stderr=subprocess.PIPE, text=True,
+                                "random", "--progress", "log", *extra], stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "PYTHONPATH": str(root)})
     for line in process.stderr:
         if first_batch is None and "first batch on" in line:
@@ -63,11 +67,12 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="runs of each version")
     parser.add_argument("--out", type=Path, default=Path("/tmp/bench/out-versions"))
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--new-args", default="", help="options added to the checkout's runs, e.g. --compile")
     args = parser.parse_args()
     rows = []
     for number in range(args.runs):
-        for version, root in (("old", args.old), ("new", REPO)):
-            rows.append({"version": version, "run": number, **run(root, args.corpus, args.out)})
+        for version, root, extra in (("old", args.old, []), ("new", REPO, args.new_args.split())):
+            rows.append({"version": version, "run": number, "args": extra, **run(root, args.corpus, args.out, extra)})
             print(json.dumps(rows[-1]), flush=True)
             if args.json:
                 args.json.write_text(json.dumps(rows, indent=1))
