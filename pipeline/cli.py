@@ -74,10 +74,6 @@ def main() -> None:
                    "a resume keeps the first run's].")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto", show_default=True,
               help="Model precision; auto is fp16 on a GPU and fp32 on the CPU. Logits are always stored as float32.")
-@click.option("--compile/--no-compile", "compile", default=False, show_default=True,
-              help="Compile the model with torch.compile: about 12 s more start-up on an H100 (less when "
-                   "torch's compile cache already holds it), then less GPU time per batch; for long runs. "
-                   "If compiling fails, the run goes on uncompiled and logs why.")
 @click.option("--decode", type=click.Choice(["auto", "cpu"]), default="auto", show_default=True,
               help="JPEG decoding: auto decodes plain JPEGs on the GPU (nvJPEG) when running there; cpu always "
                    "uses Pillow in the workers.")

@@ -34,8 +34,6 @@ class Config:
     shard_size: int | None = None  # rows per Parquet shard, the unit of commit and resume; None: the
     #   saved plan's when resuming, else DEFAULT_SHARD_SIZE
     precision: str = "auto"  # model precision: 'auto' (fp16 on a GPU, fp32 on the CPU), 'fp32', 'fp16', 'bf16'
-    compile: bool = False  # torch.compile the model: about 12 s more start-up on an H100, for a faster model; pays
-    #   back on long runs (docs/benchmarks.md)
     decode: str = "auto"  # JPEG decoding: 'auto' (nvJPEG on a GPU, Pillow otherwise) or 'cpu' (always Pillow)
     topk: int = 5  # how many (label, probability) pairs go in the topk columns
     seed: int = 0  # seed of --weights random

@@ -68,8 +68,7 @@ class Classifier:
     """The model on its device, in its precision, with the normalisation of its weights."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device, mean: list[float], std: list[float], topk: int,
-                 dtype: torch.dtype = torch.float32, decoder: GpuDecoder | None = None, compile_model: bool = False,
-                 batch_size: int = 256):
+                 dtype: torch.dtype = torch.float32, decoder: GpuDecoder | None = None):
         self.device = device
         self.dtype = dtype
         self.memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
@@ -80,10 +79,6 @@ class Classifier:
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
         self.topk = topk
         self.decoder = decoder  # None: the workers decoded every image
-        self.batch_size = decoder.batch_size if decoder is not None else batch_size
-        # --compile: one fixed input shape (batches are padded to batch_size), so it compiles once; None
-        #   when off, or after compiling failed
-        self.compiled = torch.compile(self.model, dynamic=False) if compile_model else None
         self.first_launch: float | None = None  # monotonic time the first batch went to the device
         self._warming: list[threading.Thread] = []
 
@@ -96,7 +91,7 @@ class Classifier:
         if self.device.type != "cuda" or self.decoder is None:  # on a GPU the decoder is always there
             return
         size = self.decoder.preprocess.crop_size  # the shape of every batch decode_ahead hands the model
-        steps = [functools.partial(self._first_forward, (self.batch_size, 3, size, size)),
+        steps = [functools.partial(self._first_forward, (self.decoder.batch_size, 3, size, size)),
                  self.decoder.warm_up]
         self._warming = [threading.Thread(target=self._warm_up, args=(step,), name="warm-up") for step in steps]
         for thread in self._warming:
@@ -119,20 +114,9 @@ class Classifier:
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Logits, top-k labels and top-k probabilities of a batch of 0..255 pixels on the device."""
         x = ((images.float() - self.mean) / self.std).to(self.dtype, memory_format=self.memory_format)
-        logits = self._network(x).float()
+        logits = self.model(x).float()
         probs, labels = torch.softmax(logits, dim=1).topk(self.topk, dim=1)
         return logits, labels.int(), probs
-
-    def _network(self, x: torch.Tensor) -> torch.Tensor:
-        if self.compiled is None:
-            return self.model(x)
-        try:
-            return self.compiled(x)  # the first call compiles
-        except Exception as error:  # no C++ compiler, a backend bug: the run goes on, slower, and says so
-            _logger.warning("--compile: torch.compile failed (%s: %s); the model runs uncompiled",
-                            type(error).__name__, str(error).strip().splitlines()[0] if str(error).strip() else "")
-            self.compiled = None
-            return self.model(x)
 
     def score(self, batches: Iterable[Batch]) -> Iterator[Scored]:
         """Score batches in order, one batch in flight on the device while the previous is read back."""
@@ -160,15 +144,10 @@ class Classifier:
 
     def _launch(self, batch: Batch, images: torch.Tensor, count: int):
         if self.first_launch is None:
-            if self.compiled is not None:  # the warm-up forward is compiling: one compile, not two at once
-                for thread in self._warming:
-                    thread.join()
             self.first_launch = time.monotonic()
             _logger.info("first batch on %s", self.device)
         if count == 0:
             return batch, None, None
-        if self.compiled is not None and len(images) < self.batch_size:  # the CPU path's last batch: one shape
-            images = torch.cat([images, images.new_zeros((self.batch_size - len(images), *images.shape[1:]))])
         outputs = tuple(t[:count] for t in self.forward(images))
         if self.device.type != "cuda":
             return batch, outputs, None

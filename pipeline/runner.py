@@ -165,8 +165,7 @@ def _run(config: Config, out: Path, rank: ranks.Rank, stopping: stop.Stop, start
     gpu = device.type == "cuda"
     dtype = infer.pick_precision(config.precision, device)
     decoder = GpuDecoder(device, preprocess, config.batch_size, dtype) if gpu else None
-    classifier = infer.Classifier(net, device, transforms.mean, transforms.std, config.topk, dtype, decoder,
-                                  compile_model=config.compile, batch_size=config.batch_size)
+    classifier = infer.Classifier(net, device, transforms.mean, transforms.std, config.topk, dtype, decoder)
     indices = [index for shard in pending for index in the_plan.shard_range(shard)]
     dataset = decode.ImageFiles(config.input_dir, the_plan, indices, preprocess,
                                 gpu_jpeg=gpu and config.decode == "auto", max_pixels=config.max_image_pixels)

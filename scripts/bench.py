@@ -6,10 +6,8 @@
 Every figure is a whole process started here: wall time from spawn to exit, the time until the
 job logs its first batch on the device, its steady rate (first batch to last commit, from its
 summary line), peak RSS of the main process and of its process tree, and peak GPU memory.
-The job also runs with --compile twice: the first compiles into torch's cache (cold on a fresh
-machine), the second finds it there. Also checks the GPU path's logits, with and without
---compile, against the CPU fp32 path on real photos (seeded weights with non-trivial BatchNorm
-statistics). Prints a table last.
+Also checks the GPU path's logits against the CPU fp32 path on real photos (seeded weights with
+non-trivial BatchNorm statistics). Prints a table last.
 """
 
 from __future__ import annotations
@@ -119,8 +117,7 @@ def corpus(root: Path, count: int, formats: str = "jpeg") -> Path:
 
 
 def agreement(corpus_dir: Path, work: Path, logs: Path) -> dict:
-    """Per-image cosine of GPU-path logits (nvJPEG, fp16; uncompiled and compiled) against the CPU fp32 path,
-    seeded weights."""
+    """Per-image cosine of GPU-path logits (nvJPEG, fp16) against the CPU fp32 path, seeded weights."""
     import pyarrow.dataset as ds
     import torch
 
@@ -130,19 +127,14 @@ def agreement(corpus_dir: Path, work: Path, logs: Path) -> dict:
     weights = work / "seeded.pt"
     torch.save(seeded_state_dict(), weights)
     runs = {}
-    for name, options in {"gpu": ["--device", "cuda"], "gpu-compile": ["--device", "cuda", "--compile"],
-                          "cpu": ["--device", "cpu", "--precision", "fp32"]}.items():
+    for name, options in {"gpu": ["--device", "cuda"], "cpu": ["--device", "cpu", "--precision", "fp32"]}.items():
         job(corpus_dir, work / f"agree-{name}", logs, f"agree-{name}", "--weights", str(weights), *options)
         table = ds.dataset(str(work / f"agree-{name}"), format="parquet").to_table().sort_by("path")
         runs[name] = np.array(table["logits"].to_pylist(), dtype=np.float64)
-    cpu, result = runs["cpu"], {"images": len(runs["cpu"])}
-    for name in ("gpu", "gpu-compile"):
-        gpu = runs[name]
-        cosine = (gpu * cpu).sum(1) / np.linalg.norm(gpu, axis=1) / np.linalg.norm(cpu, axis=1)
-        prefix = "" if name == "gpu" else "compiled_"
-        result.update({f"{prefix}cosine_min": float(cosine.min()), f"{prefix}cosine_mean": float(cosine.mean()),
-                       f"{prefix}top1_agreement": float((gpu.argmax(1) == cpu.argmax(1)).mean())})
-    return result
+    gpu, cpu = runs["gpu"], runs["cpu"]
+    cosine = (gpu * cpu).sum(1) / np.linalg.norm(gpu, axis=1) / np.linalg.norm(cpu, axis=1)
+    return {"images": len(cpu), "cosine_min": float(cosine.min()), "cosine_mean": float(cosine.mean()),
+            "top1_agreement": float((gpu.argmax(1) == cpu.argmax(1)).mean())}
 
 
 def main() -> None:
@@ -153,7 +145,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--workers", type=int, default=16)
     parser.add_argument("--job-options", default="", help="extra options for the job runs, e.g. --decode cpu")
-    parser.add_argument("--only", default="job,compile,compile-warm,agree,cpu-decode,png,small,plain,timm",
+    parser.add_argument("--only", default="job,agree,cpu-decode,png,small,plain,timm",
                         help="comma list of the runs to do")
     args = parser.parse_args()
     only = set(args.only.split(","))
@@ -165,10 +157,6 @@ def main() -> None:
     workers = ["--workers", str(args.workers), *args.job_options.split()]
     runs = [
         ("job", lambda: job(big, args.work / "out-job", logs, "job", "--weights", "random", *workers)),
-        ("compile", lambda: job(big, args.work / "out-compile", logs, "compile", "--weights", "random", "--compile",
-                                *workers)),
-        ("compile-warm", lambda: job(big, args.work / "out-compile-warm", logs, "compile-warm", "--weights", "random",
-                                     "--compile", *workers)),
         ("small", lambda: job(small, args.work / "out-small", logs, "small", "--weights", "random", *workers)),
         ("cpu-decode", lambda: job(small, args.work / "out-cpu", logs, "cpu-decode", "--weights", "random",
                                    "--decode", "cpu", *workers)),
@@ -186,15 +174,15 @@ def main() -> None:
             print(name, json.dumps(results[name]), flush=True)
             if args.json:  # after every run: a call cut short still leaves what it measured
                 args.json.write_text(json.dumps(results, indent=1))
-    print(f"\n{'run':<13}{'images':>8}{'wall s':>8}{'img/s':>9}{'steady':>9}{'1st s':>7}{'rss MiB':>9}"
+    print(f"\n{'run':<11}{'images':>8}{'wall s':>8}{'img/s':>9}{'steady':>9}{'1st s':>7}{'rss MiB':>9}"
           f"{'tree MiB':>10}{'gpu GiB':>8}{'plan s':>8}")
     for name, r in results.items():
         if isinstance(r, dict) and "wall_s" in r:
-            print(f"{name:<13}{r.get('images', 0):>8.0f}{r['wall_s']:>8.1f}{r['images_per_s']:>9.0f}"
+            print(f"{name:<11}{r.get('images', 0):>8.0f}{r['wall_s']:>8.1f}{r['images_per_s']:>9.0f}"
                   f"{r.get('steady_img/s', 0):>9.0f}{r.get('first_batch_s') or 0:>7.1f}{r['main_rss_mib']:>9.0f}"
                   f"{r['tree_rss_mib']:>10.0f}{r.get('gpu_peak_gib', 0):>8.2f}{r.get('planned_s') or 0:>8.1f}")
     if "agree" in results:
-        print("agreement (GPU fp16 nvJPEG, uncompiled and compiled, vs CPU fp32):", json.dumps(results["agree"]))
+        print("agreement (GPU fp16 nvJPEG vs CPU fp32):", json.dumps(results["agree"]))
 
 
 if __name__ == "__main__":
