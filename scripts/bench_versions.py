@@ -4,9 +4,9 @@
     git archive REV pipeline | (mkdir -p /tmp/old && tar -x -C /tmp/old)
     PYTHONPATH=. python3 scripts/bench_versions.py /tmp/old CORPUS_DIR --json $OUT/versions.json
 
-or this checkout against itself with an option added, e.g. `--compile`:
+or this checkout against itself with options added:
 
-    PYTHONPATH=. python3 scripts/bench_versions.py . CORPUS_DIR --new-args=--compile
+    PYTHONPATH=. python3 scripts/bench_versions.py . CORPUS_DIR --new-args="--batch-size 512"
 
 Figures swing between calls (each call gets a fresh machine), so a change is judged on runs of
 both versions taken alternately in one call. Each run is a whole `python -m pipeline classify`
@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="runs of each version")
     parser.add_argument("--out", type=Path, default=Path("/tmp/bench/out-versions"))
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--new-args", default="", help="options added to the checkout's runs, e.g. --compile")
+    parser.add_argument("--new-args", default="", help="options added to the checkout's runs, e.g. '--batch-size 512'")
     args = parser.parse_args()
     rows = []
     for number in range(args.runs):
