@@ -16,7 +16,9 @@ timing here as the DataLoader's pin thread does in the job; chunks padded in flo
 Others: each of those two alone, each image first cut to the part its crop samples (crop-first),
 the model's BatchNorm folded into its convolutions (torch.fx's fuse; TorchScript's
 optimize_for_inference), the model under torch.compile (compiled in the warm-up, which is timed),
-and decode_ahead alone without the model, on two threads or one.
+the model on a stream of a CUDA green context limited to N of the GPU's SMs, leaving the rest to
+nvJPEG's and the resize's kernels (pinned+float+green-N; torch's beta API, whose form differs
+between torch 2.11 and 2.14), and decode_ahead alone without the model, on two threads or one.
 """
 
 from __future__ import annotations
@@ -35,6 +37,24 @@ from torchvision.ops import roi_align
 from pipeline.gpu_decode import RESIZE_CHUNK, GpuDecoder, decode_ahead
 from pipeline.infer import Classifier
 from pipeline.model import build_model, resolve_weights
+
+GREEN_CONTEXTS: list = []
+
+
+def green_stream(sms: int, device: torch.device) -> torch.cuda.Stream:
+    """A stream whose kernels run on `sms` SMs only (a CUDA green context)."""
+    from torch.cuda.green_contexts import GreenContext
+
+    if hasattr(GreenContext, "create"):  # torch 2.9-2.11
+        context = GreenContext.create(sms, device.index)
+    else:  # torch 2.14
+        context = GreenContext(num_sms=sms, device_id=device.index)
+    GREEN_CONTEXTS.append(context)  # alive as long as its stream is used
+    stream = context.Stream()
+    if not isinstance(stream, torch.cuda.Stream):  # a generic torch.Stream: the same CUDA stream, as torch.cuda's
+        stream = torch.cuda.Stream(stream_id=stream.stream_id, device_index=stream.device_index,
+                                   device_type=stream.device_type)
+    return stream
 
 
 class VariantDecoder(GpuDecoder):
@@ -134,6 +154,8 @@ def main() -> None:
         "crop+float": (lambda: classifier(float_pad=True, crop_first=True), False, True),
         "all-fx": (lambda: classifier(float_pad=True, crop_first=True, model="fx"), False, True),
         "pinned+float+compile": (lambda: classifier(float_pad=True, model="compile"), True, True),
+        **{f"pinned+float+green-{sms}": (lambda: classifier(float_pad=True), True, True)
+           for sms in (8, 96, 112, 120, 128)},
         "decode-only": (lambda: classifier(), False, False),
         "pinned-decode-only": (lambda: classifier(), True, False),
         "decode-only-1-thread": (lambda: classifier(), False, False),
@@ -141,13 +163,16 @@ def main() -> None:
     pinned = [dataclasses.replace(batch, encoded=batch.encoded.pin_memory()) for batch in batches]
     variants = {name: makers[name] for name in args.variants.split(",")}
     made = {name: maker() for name, (maker, _, _) in variants.items()}
+    streams = {name: green_stream(int(name.rsplit("-", 1)[1]), device) if "green" in name else None
+               for name in variants}
 
     def run(name: str) -> None:
         _, pin, model = variants[name]
         inputs = iter(pinned if pin else batches)
         if model:
-            for _ in made[name].score(inputs):
-                pass
+            with torch.cuda.stream(streams[name] or torch.cuda.current_stream(device)):
+                for _ in made[name].score(inputs):
+                    pass
         else:
             for _ in decode_ahead(inputs, made[name].decoder, threads=1 if name.endswith("1-thread") else 2):
                 pass
@@ -156,7 +181,8 @@ def main() -> None:
     reference = None
     for name in variants:  # warm-up (and compilation), and agreement with the first variant
         started = time.perf_counter()
-        logits = np.concatenate([scored.logits for scored in made[name].score(iter(batches[:4]))])
+        with torch.cuda.stream(streams[name] or torch.cuda.current_stream(device)):
+            logits = np.concatenate([scored.logits for scored in made[name].score(iter(batches[:4]))])
         print(f"{name:<20} warm-up {time.perf_counter() - started:.1f} s", flush=True)
         reference = logits if reference is None else reference
         cosine = (logits * reference).sum(1) / np.linalg.norm(logits, axis=1) / np.linalg.norm(reference, axis=1)
