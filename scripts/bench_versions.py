@@ -41,12 +41,26 @@ def peak_rss_mib(pid: int) -> float | None:
     return int(found.group(1)) / 1024 if found else None
 
 
+def start(root: Path, *args: str, **options) -> subprocess.Popen:
+    """Python running root's code: started in root itself, since `python -m` puts its working folder first on
+    sys.path, ahead of PYTHONPATH. Before this was fixed, the runs started in this checkout, so the "old" runs
+    ran this checkout's code too (docs/benchmarks.md says which comparisons that voids)."""
+    return subprocess.Popen([sys.executable, *args], cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
+                            text=True, **options)
+
+
+def imported_from(root: Path) -> Path:
+    """The folder of the pipeline package that a run of root's code imports."""
+    process = start(root, "-c", "import pipeline; print(pipeline.__file__)", stdout=subprocess.PIPE)
+    out, _ = process.communicate()
+    return Path(out.strip()).resolve().parent
+
+
 def run(root: Path, corpus: Path, out: Path, extra: list[str]) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     started, first_batch, done, summary, peak = time.monotonic(), None, None, "", None
-    process = subprocess.Popen([sys.executable, "-m", "pipeline", "classify", str(corpus), str(out), "--weights",
-                                "random", "--progress", "log", *extra], stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "PYTHONPATH": str(root)})
+    process = start(root, "-m", "pipeline", "classify", str(corpus), str(out), "--weights", "random", "--progress",
+                    "log", *extra, stderr=subprocess.PIPE)
     for line in process.stderr:
         if first_batch is None and "first batch on" in line:
             first_batch = time.monotonic() - started
@@ -69,6 +83,12 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--new-args", default="", help="options added to the checkout's runs, e.g. '--batch-size 512'")
     args = parser.parse_args()
+    args.old, args.corpus, args.out = args.old.resolve(), args.corpus.resolve(), args.out.resolve()
+    for root in (args.old, REPO):
+        package = imported_from(root)
+        if package != root / "pipeline":
+            raise SystemExit(f"a run of {root} would import {package}, not {root / 'pipeline'}")
+        print(f"runs of {root} import {package}", flush=True)
     rows = []
     for number in range(args.runs):
         for version, root, extra in (("old", args.old, []), ("new", REPO, args.new_args.split())):
