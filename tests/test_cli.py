@@ -1,4 +1,4 @@
-"""The process's entry ends a finished command at once, skipping Python's teardown, with the command's exit
+"""The CLI's process entry (cli.run) ends a finished command at once, skipping Python's teardown, with the
 code and a flushed log; anything else still ends the normal way. Real processes, real runs."""
 
 import os
