@@ -1,5 +1,5 @@
-"""The CLI's process entry (cli.run) ends a finished command at once, skipping Python's teardown, with the
-code and a flushed log; anything else still ends the normal way. Real processes, real runs."""
+"""The CLI's process entry (cli.run) ends a finished command at once, skipping Python's teardown, with
+the command's exit code and a flushed log; anything else still ends the normal way. Real processes."""
 
 import os
 import subprocess
