@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import sys
 import threading
@@ -59,15 +60,17 @@ def run() -> None:
     workers are joined; what is left is Python's teardown of torch's modules, about 0.8 s on an H100
     (scripts/exit_cost.py), which cron and Slurm would wait for. So the process ends there, with the
     command's exit code and its log flushed. An unexpected error, a message for Python to print, or a
-    thread still running ends the normal way.
+    thread or worker process still running (a run that ended on an error may leave its workers to
+    Python's exit) ends the normal way.
     """
     try:
         main()
     except SystemExit as end:
         if not (end.code is None or isinstance(end.code, int)):
             raise
-        if any(thread.is_alive() and not thread.daemon for thread in threading.enumerate()
-               if thread is not threading.main_thread()):
+        if multiprocessing.active_children() or any(
+                thread.is_alive() and not thread.daemon for thread in threading.enumerate()
+                if thread is not threading.main_thread()):
             raise
         logging.shutdown()
         for stream in (sys.stdout, sys.stderr):

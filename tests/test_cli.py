@@ -55,16 +55,21 @@ def test_a_finished_run_skips_the_teardown_with_its_log_whole(tmp_path, python):
     assert report.stdout.rstrip().splitlines()[-1].startswith("verify: ok"), report.stdout
 
 
-def test_a_message_an_error_or_a_running_thread_end_the_normal_way(python):
+def test_a_message_an_error_a_running_thread_or_a_worker_process_end_the_normal_way(python):
     prelude = "import sys, threading, time\nimport pipeline.cli as cli\n"
     message = python("-c", prelude + "cli.main = lambda: sys.exit('cannot go on: a message')\ncli.run()")
     error = python("-c", prelude + "def fail(): raise RuntimeError('unexpected')\ncli.main = fail\ncli.run()")
     thread = python("-c", prelude + "def work():\n    time.sleep(0.3)\n    print('thread finished', file=sys.stderr)\n"
                     "def command():\n    threading.Thread(target=work).start()\n    sys.exit(0)\n"
                     "cli.main = command\ncli.run()")
+    worker = python("-c", prelude + "import multiprocessing\n"
+                    "def command():\n    multiprocessing.Process(target=time.sleep, args=(0.3,)).start()\n"
+                    "    sys.exit(0)\n"
+                    "cli.main = command\ncli.run()")
 
     assert message.returncode == 1 and "cannot go on: a message" in message.stderr
     assert error.returncode == 1 and "RuntimeError: unexpected" in error.stderr
     assert thread.returncode == 0 and "thread finished" in thread.stderr
-    for ended in (message, error, thread):
+    assert worker.returncode == 0
+    for ended in (message, error, thread, worker):
         assert "teardown ran" in ended.stderr
