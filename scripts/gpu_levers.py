@@ -30,7 +30,7 @@ import warnings
 
 import numpy as np
 import torch
-from held import corpus_parser, first_gpu, held_batches, jpeg_files
+from held import corpus_parser, first_gpu, held_corpus
 from torch.profiler import ProfilerActivity, profile
 from torchvision.ops import roi_align
 
@@ -121,9 +121,8 @@ def main() -> None:
                         "decode-only-1-thread")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
-    files = jpeg_files(args.corpus, args.images)
+    files, batches = held_corpus(args)
     size = args.batch_size
-    batches = held_batches(files, size)
     device, transforms, preprocess = first_gpu()
     dtype = torch.float16
 

@@ -15,7 +15,7 @@ import time
 import warnings
 
 import torch
-from held import corpus_parser, first_gpu, held_batches, jpeg_files
+from held import corpus_parser, first_gpu, held_corpus
 from torch.profiler import ProfilerActivity, profile
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import functional as F
@@ -110,9 +110,8 @@ def main() -> None:
     parser.add_argument("--kernels-only", action="store_true", help="skip the resize variants")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
-    files = jpeg_files(args.corpus, args.images)
+    files, batches = held_corpus(args)
     size = args.batch_size
-    batches = held_batches(files, size)
     device, transforms, preprocess = first_gpu()
     decoder = GpuDecoder(device, preprocess, size, torch.float16)
     classifier = Classifier(build_model(resolve_weights("random", 0)), device, transforms.mean, transforms.std, 5,

@@ -15,7 +15,7 @@ import time
 import warnings
 
 import torch
-from held import corpus_parser, first_gpu, held_batches, jpeg_files
+from held import corpus_parser, first_gpu, held_corpus
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from pipeline import gpu_decode, guard
@@ -40,9 +40,8 @@ def main() -> None:
     parser = corpus_parser(__doc__, images=20_000)
     args = parser.parse_args()
     warnings.simplefilter("ignore")
-    files = jpeg_files(args.corpus, args.images)
+    files, batches = held_corpus(args)
     n, size = len(files), args.batch_size
-    batches = held_batches(files, size)
     device, transforms, preprocess = first_gpu()
     decoder = GpuDecoder(device, preprocess, size, torch.float16)
 

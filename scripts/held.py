@@ -34,6 +34,12 @@ def held_batches(files: list[Path], batch_size: int) -> list[Batch]:
             for start in range(0, len(files), batch_size)]
 
 
+def held_corpus(args: argparse.Namespace) -> tuple[list[Path], list[Batch]]:
+    """What corpus_parser's arguments name: the JPEG files, and them held in memory as batches."""
+    files = jpeg_files(args.corpus, args.images)
+    return files, held_batches(files, args.batch_size)
+
+
 def first_gpu() -> tuple[torch.device, object, Preprocess]:
     """GPU 0, made the current device; the weights' transforms and the sizes the job reads off them."""
     device = torch.device("cuda", 0)
