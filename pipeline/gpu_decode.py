@@ -1,10 +1,7 @@
-"""Decode a batch's JPEG bytes on the GPU (nvJPEG through TorchCodec), resize and crop them there.
+"""Decode a batch's JPEG bytes on the GPU (nvJPEG through torchvision), resize and crop them there.
 
-The one place that knows the GPU decoder. TorchCodec is the library torchvision 0.29 hands its
-image decoders to; where it cannot be imported (a torch it was not built for), torchvision's own
-nvJPEG call decodes instead. torchvision's holds one process-wide lock across each call, so two
-threads only overlap one's decoding with the other's resizing; TorchCodec gives each thread a
-decoder of its own (docs/benchmarks.md, sixth session).
+The one place that knows the GPU decoder: torchvision marks its decoders deprecated in favour of
+TorchCodec from 0.29 on, so swapping the library means changing this module only.
 """
 
 from __future__ import annotations
@@ -15,12 +12,13 @@ import threading
 import time
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.ops import roi_align
 
 from pipeline.decode import Batch, Preprocess, decode_bytes, describe_error
@@ -30,50 +28,20 @@ _logger = logging.getLogger(__name__)
 RESIZE_CHUNK = 32  # images padded together for one roi_align call (32 beat 64, 128 and 256 on an H100)
 
 
-def _torchcodec_jpegs(jpegs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    from torchcodec.decoders import decode_jpeg
-
-    return decode_jpeg(jpegs, mode="RGB", device=device)
-
-
-def _torchvision_jpegs(jpegs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torchvision 0.29's deprecation notice
-        return list(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device))
-
-
-# name: (decode a list of JPEGs to uint8 CHW tensors on the device, decode threads that pay)
-LIBRARIES: dict[str, tuple[Callable[[list[torch.Tensor], torch.device], list[torch.Tensor]], int]] = {
-    "torchcodec": (_torchcodec_jpegs, 3),
-    "torchvision": (_torchvision_jpegs, 2),
-}
-
-
-def jpeg_library() -> str:
-    """TorchCodec where it loads with this torch, else torchvision."""
-    try:
-        import torchcodec.decoders  # noqa: F401
-    except Exception as error:  # ImportError, or OSError/RuntimeError from its libraries
-        _logger.debug("TorchCodec unavailable (%s): torchvision decodes JPEGs on the GPU", error)
-        return "torchvision"
-    return "torchcodec"
-
-
 class GpuDecoder:
     """Turns a Batch into one float NCHW tensor of 0..255 pixels on the device, of fixed batch size."""
 
-    def __init__(self, device: torch.device, preprocess: Preprocess, batch_size: int, dtype: torch.dtype,
-                 library: str | None = None):
+    threads = 2  # decode_ahead's threads: torchvision's lock lets a second one overlap one batch's decoding
+    #   with another's resizing; a third did not pay, nor did TorchCodec's lock-free decoder on 2-6 threads
+    #   (docs/benchmarks.md, sixth session)
+
+    def __init__(self, device: torch.device, preprocess: Preprocess, batch_size: int, dtype: torch.dtype):
         if device.type == "cuda" and device.index is None:  # threads set it as their current device: pin it
             device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
         self.preprocess = preprocess
         self.batch_size = batch_size
         self.dtype = dtype if dtype in (torch.float16, torch.float32) else torch.float32  # bf16 rounds 0..255
-        self.library = library or jpeg_library()
-        self._decode_jpegs, self.threads = LIBRARIES[self.library]
 
     def warm_up(self) -> None:
         """Start nvJPEG (its handle, the hardware decoder's state) on a tiny JPEG, before real batches need it."""
@@ -83,20 +51,22 @@ class GpuDecoder:
         torch.cuda.set_device(self.device)
         started = time.monotonic()
         self._decode_all([data])
-        _logger.debug("nvJPEG (%s) started in %.2f s", self.library, time.monotonic() - started)
+        _logger.debug("nvJPEG started in %.2f s", time.monotonic() - started)
 
     def _decode_all(self, jpegs: list[torch.Tensor]) -> list[torch.Tensor | None]:
         """nvJPEG in one call; if it rejects the batch, file by file, so one bad file fails alone."""
         if not jpegs:
             return []
-        try:
-            return list(self._decode_jpegs(jpegs, self.device))
-        except RuntimeError:
-            return [self._decode_one(data) for data in jpegs]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torchvision 0.29's deprecation notice
+            try:
+                return list(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=self.device))
+            except RuntimeError:
+                return [self._decode_one(data) for data in jpegs]
 
     def _decode_one(self, data: torch.Tensor) -> torch.Tensor | None:
         try:
-            return self._decode_jpegs([data], self.device)[0]
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
         except RuntimeError:
             return None
 
@@ -193,8 +163,8 @@ class GpuDecoder:
 
 def decode_ahead(batches: Iterable[Batch], decoder: GpuDecoder, threads: int | None = None
                  ) -> Iterator[tuple[Batch, torch.Tensor, int]]:
-    """Decode batches on `threads` threads (the decoder's number), each on its own CUDA stream, one
-    batch ahead of them.
+    """Decode batches on `threads` threads (the decoder's number), each on its own CUDA stream, one batch
+    ahead of them.
 
     nvJPEG's host work, the copies and the resizing of one batch then overlap the model's kernels
     on another. Results come back in input order; errors are raised here; closing this generator
