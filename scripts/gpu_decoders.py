@@ -1,18 +1,22 @@
 #!/usr/bin/env python3
-"""Batched GPU JPEG decoding, library by library: torchvision's nvJPEG call against nvImageCodec (issue 5).
+"""Batched GPU JPEG decoding, library by library: torchvision, TorchCodec and nvImageCodec (issue 5).
 
-    PYTHONPATH=. python3 scripts/gpu_decoders.py CORPUS_DIR [--images 10240]
+    PYTHONPATH=. python3 scripts/gpu_decoders.py CORPUS_DIR [--images 10240] [--libraries torchvision,torchcodec]
 
 torchvision's decode_jpeg(list, device="cuda") holds one process-wide lock and synchronises on
-every call, so a second thread cannot add decoding. nvImageCodec (NVIDIA's image codec library,
-`pip install nvidia-nvimgcodec-cu13 nvidia-nvjpeg`, or -cu12) has its own CPU thread pool and can
-split a batch between the hardware JPEG engines and the CUDA decoder. Each line is host-wall
+every call, so a second thread cannot add decoding. TorchCodec's decode_jpeg (the library
+torchvision 0.29 hands its decoders to) takes a decoder of its own per call from a cache and
+synchronises the caller's current stream, so here each thread has its own stream. nvImageCodec
+(NVIDIA's image codec library, `pip install nvidia-nvimgcodec-cu13 nvidia-nvjpeg`, or -cu12) has
+its own CPU thread pool and can split a batch between the hardware JPEG engines and the CUDA
+decoder. Each line is host-wall
 images/s over all the batches, tensors on the GPU and the GPU synchronised, after a warm-up pass;
 the last lines compare pixels with torchvision's.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -39,9 +43,22 @@ def in_threads(threads: int, batches: list, decode_batch) -> None:
         list(pool.map(decode_batch, batches))
 
 
+def on_own_stream(decode_batch):
+    """decode_batch run on a CUDA stream of the calling thread's own, as the job's decode threads do."""
+    streams = threading.local()
+
+    def decode(batch):
+        if not hasattr(streams, "stream"):
+            streams.stream = torch.cuda.Stream()
+        with torch.cuda.stream(streams.stream):
+            return decode_batch(batch)
+    return decode
+
+
 def main() -> None:
     parser = corpus_parser(__doc__, images=10_240)
-    parser.add_argument("--libraries", default="torchvision,nvimgcodec", help="comma list of the libraries to time")
+    parser.add_argument("--libraries", default="torchvision,torchcodec,nvimgcodec",
+                        help="comma list of the libraries to time")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     files = jpeg_files(args.corpus, args.images)
@@ -57,6 +74,17 @@ def main() -> None:
     if "torchvision" in args.libraries:
         rate("torchvision decode_jpeg(list), 1 thread", n, lambda: [torchvision_batch(b) for b in tv_batches])
         rate("torchvision decode_jpeg(list), 2 threads", n, lambda: in_threads(2, tv_batches, torchvision_batch))
+    if "torchcodec" in args.libraries:
+        from torchcodec.decoders import decode_jpeg as torchcodec_decode_jpeg
+
+        def torchcodec_batch(batch):
+            return torchcodec_decode_jpeg(batch, mode="RGB", device="cuda")
+
+        for threads in (1, 2, 3, 4, 6, 8):
+            rate(f"torchcodec decode_jpeg(list), {threads} thread(s), a stream each", n,
+                 lambda threads=threads: in_threads(threads, tv_batches, on_own_stream(torchcodec_batch)))
+        compare_with_pillow(data[:size], [("torchvision", torchvision_batch(tv_batches[0])),
+                                          ("torchcodec", torchcodec_batch(tv_batches[0]))])
     if "nvimgcodec" not in args.libraries:
         return
 
@@ -97,15 +125,20 @@ def main() -> None:
              lambda decoders=decoders: in_threads(len(decoders), numbered,
                                                   lambda ib: decoders[ib[0] % len(decoders)](ib[1])))
 
+    nvimgcodec_hw = nvimgcodec_batch(nvimgcodec_decoder(4, ("HW_GPU_ONLY", 1.0)))(raw_batches[0])
+    compare_with_pillow(raw_batches[0], [("torchvision", torchvision_batch(tv_batches[0])),
+                                         ("nvImageCodec hardware", nvimgcodec_hw)])
+
+
+def compare_with_pillow(files: list[bytes], decoded_by: list[tuple[str, list[torch.Tensor]]]) -> None:
     import io
 
     import numpy as np
     from PIL import Image
 
     pillow = [torch.from_numpy(np.asarray(Image.open(io.BytesIO(d)).convert("RGB"))).permute(2, 0, 1).cuda()
-              for d in raw_batches[0]]
-    nvimgcodec_hw = nvimgcodec_batch(nvimgcodec_decoder(4, ("HW_GPU_ONLY", 1.0)))(raw_batches[0])
-    for name, decoded in [("torchvision", torchvision_batch(tv_batches[0])), ("nvImageCodec hardware", nvimgcodec_hw)]:
+              for d in files]
+    for name, decoded in decoded_by:
         diffs = [(a.int() - b.int()).abs().float() for a, b in zip(pillow, decoded, strict=True) if b is not None]
         largest, mean = max(int(d.max()) for d in diffs), float(torch.stack([d.mean() for d in diffs]).mean())
         print(f"pixels vs Pillow, {name}: {len(diffs)} decoded, max |diff| {largest}, mean {mean:.4f}")

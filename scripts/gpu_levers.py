@@ -18,7 +18,8 @@ the model's BatchNorm folded into its convolutions (torch.fx's fuse; TorchScript
 optimize_for_inference), the model under torch.compile (compiled in the warm-up, which is timed),
 the model on a stream of a CUDA green context limited to N of the GPU's SMs, leaving the rest to
 nvJPEG's and the resize's kernels (pinned+float+green-N; torch's beta API, whose form differs
-between torch 2.11 and 2.14), and decode_ahead alone without the model, on two threads or one.
+between torch 2.11 and 2.14), the JPEGs decoded by one library on N threads (pinned+float+LIBRARY-N,
+LIBRARY torchvision or torchcodec), and decode_ahead alone without the model, on two threads or one.
 """
 
 from __future__ import annotations
@@ -58,16 +59,22 @@ def green_stream(sms: int, device: torch.device) -> torch.cuda.Stream:
 
 
 class VariantDecoder(GpuDecoder):
-    """GpuDecoder whose resize pads in float32 (one kernel a chunk) and/or cuts each image to its crop's reach."""
+    """GpuDecoder whose resize pads in float32 (one kernel a chunk) and/or cuts each image to its crop's reach,
+    and whose JPEGs TorchCodec may decode instead of torchvision, on its own number of threads."""
 
-    def __init__(self, *args, float_pad: bool, crop_first: bool, **kwargs):
+    def __init__(self, *args, float_pad: bool, crop_first: bool, library: str = "torchvision", threads: int = 2,
+                 **kwargs):
         super().__init__(*args, **kwargs)
-        self.float_pad, self.crop_first = float_pad, crop_first
-        self.decode_seconds = 0.0  # inside torchvision's decode call (its lock held), all threads
+        self.float_pad, self.crop_first, self.library, self.threads = float_pad, crop_first, library, threads
+        self.decode_seconds = 0.0  # inside the decode call (torchvision's lock held), all threads
 
     def _decode_all(self, jpegs: list[torch.Tensor]) -> list[torch.Tensor | None]:
         started = time.perf_counter()
         try:
+            if self.library == "torchcodec":  # the corpus has no file nvJPEG refuses: no file-by-file retry
+                from torchcodec.decoders import decode_jpeg
+
+                return decode_jpeg(jpegs, mode="RGB", device=self.device)
             return super()._decode_all(jpegs)
         finally:
             self.decode_seconds += time.perf_counter() - started
@@ -126,8 +133,9 @@ def main() -> None:
     device, transforms, preprocess = first_gpu()
     dtype = torch.float16
 
-    def classifier(float_pad=False, crop_first=False, model="plain") -> Classifier:
-        decoder = VariantDecoder(device, preprocess, size, dtype, float_pad=float_pad, crop_first=crop_first)
+    def classifier(float_pad=False, crop_first=False, model="plain", library="torchvision", threads=2) -> Classifier:
+        decoder = VariantDecoder(device, preprocess, size, dtype, float_pad=float_pad, crop_first=crop_first,
+                                 library=library, threads=threads)
         net = build_model(resolve_weights("random", 0))
         started = time.perf_counter()
         if model == "fx":
@@ -155,6 +163,9 @@ def main() -> None:
         "pinned+float+compile": (lambda: classifier(float_pad=True, model="compile"), True, True),
         **{f"pinned+float+green-{sms}": (lambda: classifier(float_pad=True), True, True)
            for sms in (8, 96, 112, 120, 128)},
+        **{f"pinned+float+{library}-{threads}": (
+            lambda library=library, threads=threads: classifier(float_pad=True, library=library, threads=threads),
+            True, True) for library in ("torchvision", "torchcodec") for threads in (1, 2, 3, 4, 6)},
         "decode-only": (lambda: classifier(), False, False),
         "pinned-decode-only": (lambda: classifier(), True, False),
         "decode-only-1-thread": (lambda: classifier(), False, False),
