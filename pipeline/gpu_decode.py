@@ -42,6 +42,7 @@ class GpuDecoder:
         self.preprocess = preprocess
         self.batch_size = batch_size
         self.dtype = dtype if dtype in (torch.float16, torch.float32) else torch.float32  # bf16 rounds 0..255
+        self._threads = threading.local()  # each decode thread's stream for nvJPEG's images (_nvjpeg)
 
     def warm_up(self) -> None:
         """Start nvJPEG (its handle, the hardware decoder's state) on a tiny JPEG, before real batches need it."""
@@ -57,18 +58,40 @@ class GpuDecoder:
         """nvJPEG in one call; if it rejects the batch, file by file, so one bad file fails alone."""
         if not jpegs:
             return []
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torchvision 0.29's deprecation notice
-            try:
-                return list(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=self.device))
-            except RuntimeError:
-                return [self._decode_one(data) for data in jpegs]
+        try:
+            return self._nvjpeg(jpegs)
+        except RuntimeError:
+            return [self._decode_one(data) for data in jpegs]
 
     def _decode_one(self, data: torch.Tensor) -> torch.Tensor | None:
         try:
-            return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+            return self._nvjpeg([data])[0]
         except RuntimeError:
             return None
+
+    def _nvjpeg(self, jpegs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """torchvision's decode, its images safe to read on the calling thread's current stream.
+
+        torchvision allocates the images on the caller's current stream but writes them from a stream
+        of its own that does not wait for the caller's. On a decode thread's stream it could be handed
+        memory that the stream's queued kernels (the last batch's resize) have yet to read, and
+        overwrite it first: wrong pixels, no error. So the images are allocated on a stream of their
+        own that runs nothing, the caller's stream waits for them, and record_stream keeps their memory
+        from being handed out again before the caller's kernels have read them.
+        """
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torchvision 0.29's deprecation notice
+            if self.device.type != "cuda":  # the GPU path's code on the CPU, for tests
+                return list(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=self.device))
+            reader = torch.cuda.current_stream(self.device)
+            if not hasattr(self._threads, "images"):
+                self._threads.images = torch.cuda.Stream(self.device)
+            with torch.cuda.stream(self._threads.images):
+                images = list(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=self.device))
+        reader.wait_stream(self._threads.images)
+        for image in images:
+            image.record_stream(reader)
+        return images
 
     def crop_boxes(self, sizes: np.ndarray) -> np.ndarray:
         """The center crop of each resized image, in its source image's coordinates: [x1, y1, x2, y2] per row.

@@ -161,3 +161,29 @@ def test_the_pin_thread_pins_the_jpeg_bytes_so_nvjpeg_copies_them_without_stagin
     assert pinned.encoded.is_pinned() and pinned.images.is_pinned()
     assert all(view.is_pinned() for view in pinned.jpegs()), "each file's view lies in the pinned block"
     assert torch.equal(pinned.encoded, batch.encoded)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: run it on the device machine")
+def test_nvjpeg_does_not_overwrite_images_that_queued_kernels_have_yet_to_read(tmp_path):
+    """torchvision writes its images from its own stream; memory the decode thread's stream still reads
+    must not be handed to it. Here the reads wait behind a second of GPU sleep while other photos of
+    the same sizes are decoded: they must still see the first photos' pixels."""
+    first = [torch.from_numpy(np.frombuffer(write_image(tmp_path / f"a{i}.jpg", i, size=(320, 240)).read_bytes(),
+                                            np.uint8).copy()) for i in range(4)]
+    second = [torch.from_numpy(np.frombuffer(write_image(tmp_path / f"b{i}.jpg", 10 + i, size=(320, 240)).read_bytes(),
+                                             np.uint8).copy()) for i in range(4)]
+    decoder = GpuDecoder(torch.device("cuda", 0), PREPROCESS, batch_size=4, dtype=torch.float16)
+    expected = [int(image.sum()) for image in decoder._decode_all(first)]
+    assert expected != [int(image.sum()) for image in decoder._decode_all(second)], "the two sets differ"
+
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        images = decoder._decode_all(first)
+        torch.cuda._sleep(2_000_000_000)  # about a second of GPU cycles queued before the reads
+        sums = [image.sum() for image in images]
+        del images  # their memory goes back while the reads are still queued
+        again = decoder._decode_all(second)
+    stream.synchronize()
+
+    assert [int(total) for total in sums] == expected
+    assert len(again) == 4 and all(image is not None for image in again)
