@@ -42,7 +42,7 @@ class GpuDecoder:
         self.preprocess = preprocess
         self.batch_size = batch_size
         self.dtype = dtype if dtype in (torch.float16, torch.float32) else torch.float32  # bf16 rounds 0..255
-        self._threads = threading.local()  # each decode thread's stream for nvJPEG's images (_nvjpeg)
+        self._per_thread = threading.local()  # each decode thread's stream for nvJPEG's images (_nvjpeg)
 
     def warm_up(self) -> None:
         """Start nvJPEG (its handle, the hardware decoder's state) on a tiny JPEG, before real batches need it."""
@@ -84,11 +84,11 @@ class GpuDecoder:
             if self.device.type != "cuda":  # the GPU path's code on the CPU, for tests
                 return list(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=self.device))
             reader = torch.cuda.current_stream(self.device)
-            if not hasattr(self._threads, "images"):
-                self._threads.images = torch.cuda.Stream(self.device)
-            with torch.cuda.stream(self._threads.images):
+            if not hasattr(self._per_thread, "images"):
+                self._per_thread.images = torch.cuda.Stream(self.device)
+            with torch.cuda.stream(self._per_thread.images):
                 images = list(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=self.device))
-        reader.wait_stream(self._threads.images)
+        reader.wait_stream(self._per_thread.images)
         for image in images:
             image.record_stream(reader)
         return images
