@@ -41,12 +41,12 @@ def peak_rss_mib(pid: int) -> float | None:
     return int(found.group(1)) / 1024 if found else None
 
 
-def start(root: Path, *args: str, **options) -> subprocess.Popen:
+def start(root: Path, *args: str, extra_env: dict[str, str] | None = None, **options) -> subprocess.Popen:
     """Python running root's code: started in root itself, since `python -m` puts its working folder first on
     sys.path, ahead of PYTHONPATH. Before this was fixed, the runs started in this checkout, so the "old" runs
     ran this checkout's code too (docs/benchmarks.md says which comparisons that voids)."""
-    return subprocess.Popen([sys.executable, *args], cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
-                            text=True, **options)
+    return subprocess.Popen([sys.executable, *args], cwd=root,
+                            env={**os.environ, "PYTHONPATH": str(root), **(extra_env or {})}, text=True, **options)
 
 
 def imported_from(root: Path) -> Path:

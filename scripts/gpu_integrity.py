@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -28,20 +27,21 @@ from pathlib import Path
 import numpy as np
 import pyarrow.dataset as ds
 import torch
-from bench_versions import imported_from
+from bench_versions import imported_from, start
 from repo_env import REPO
 
 
 def classify(code: Path, corpus: Path, out: Path, weights: Path, device: str, log: Path, **env: str) -> float:
-    """One run of code's pipeline, started in code's folder (`python -m` imports from there first)."""
+    """One run of code's pipeline (bench_versions.start: started in code's folder, which `python -m` imports
+    from first)."""
     subprocess.run(["rm", "-rf", str(out)], check=True)
-    path = os.pathsep.join(filter(None, [str(code), os.environ.get("PYTHONPATH")]))
     started = time.monotonic()
     with open(log, "w") as stream:
-        subprocess.run([sys.executable, "-m", "pipeline", "classify", str(corpus), str(out), "--weights", str(weights),
-                        "--device", device, "--progress", "log"], cwd=code,
-                       env={**os.environ, "PYTHONPATH": path, **env}, stdout=stream, stderr=subprocess.STDOUT,
-                       check=True)
+        process = start(code, "-m", "pipeline", "classify", str(corpus), str(out), "--weights", str(weights),
+                        "--device", device, "--progress", "log", extra_env=env, stdout=stream,
+                        stderr=subprocess.STDOUT)
+        if process.wait():
+            sys.exit(f"the run failed (exit {process.returncode}): see {log}")
     return time.monotonic() - started
 
 
