@@ -20,9 +20,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $@
 
+# exec: make's child is Python itself, so a SIGTERM to make (which make passes to its child) reaches Python,
+# and make waits for its clean stop; without it the shell dies and Python runs on, orphaned. make itself exits 2
+# whenever a recipe fails (its "Error N" line shows Python's code): schedulers call .venv/bin/pipeline directly.
 classify: install  ## classify INPUT=dir/ into OUTPUT (default ./output)
 	@test -n "$(INPUT)" || { echo "usage: make classify INPUT=dir/ [OUTPUT=out/] [WEIGHTS=...] [ARGS=...]" >&2; exit 2; }
-	$(PY) -m pipeline classify "$(INPUT)" "$(OUTPUT)" --weights "$(WEIGHTS)" $(ARGS)
+	exec $(PY) -m pipeline classify "$(INPUT)" "$(OUTPUT)" --weights "$(WEIGHTS)" $(ARGS)
 
 test: install  ## the whole test suite (what CI runs)
 	$(PY) -m pytest
