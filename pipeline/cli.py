@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import shlex
 import sys
 import threading
 from enum import IntEnum
@@ -17,6 +18,7 @@ from pipeline.config import (
     DEFAULT_MAX_IMAGE_PIXELS,
     DEFAULT_SHARD_SIZE,
     Config,
+    Refused,
     default_workers,
 )
 
@@ -58,7 +60,7 @@ def run() -> None:
 
     When a command ends, all it wrote is durable (every commit is fsynced) and its threads and decode
     workers are joined; what is left is Python's teardown of torch's modules, about 0.8 s on an H100
-    (scripts/exit_cost.py), which cron and Slurm would wait for. So the process ends there, with the
+    (docs/benchmarks.md), which cron and Slurm would wait for. So the process ends there, with the
     command's exit code and its log flushed. An unexpected error, a message for Python to print, or a
     thread or worker process still running (a run that ended on an error may leave its workers to
     Python's exit) ends the normal way.
@@ -110,7 +112,8 @@ def main() -> None:
                    "uses Pillow in the workers.")
 @click.option("--topk", type=click.IntRange(min=1), default=5, show_default=True,
               help="How many best classes go in topk_labels and topk_probs.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --weights random.")
+@click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=0, show_default=True,
+              help="Seed of --weights random.")
 @click.option("--progress", type=click.Choice(["auto", "bar", "log"]), default="auto", show_default=True,
               help="A progress bar (auto: at a terminal) or periodic log lines (auto: under cron or Slurm).")
 @click.option("--partition", multiple=True, callback=_partitions, metavar="KEY=VALUE",
@@ -138,19 +141,15 @@ def classify(input_dir: Path, output_dir: Path, verbose: bool, **options) -> Non
     changes nothing and exits 0.
     """
     _setup_logging(verbose)
-    from pipeline import runner  # imports torch: keep --help fast
+    from pipeline import runner  # imports pyarrow, not torch: a busy OUTPUT is refused before torch is imported
     from pipeline.durable import WriteError
-    from pipeline.layout import LayoutError
-    from pipeline.lock import Locked, LockError
-    from pipeline.model import WeightsError
-    from pipeline.plan import InputError
-    from pipeline.ranks import RankError
+    from pipeline.lock import Locked
     from pipeline.stop import Interrupted
 
     config = Config(input_dir=input_dir, output_dir=output_dir, **options)
     try:
         summary = runner.run(config)
-    except (InputError, WeightsError, LayoutError, RankError, runner.PlanMismatch, LockError) as error:
+    except Refused as error:
         _logger.error("%s", error)
         sys.exit(Exit.USAGE)
     except Locked as error:
@@ -166,7 +165,8 @@ def classify(input_dir: Path, output_dir: Path, verbose: bool, **options) -> Non
     for line in summary.error_lines():
         _logger.warning("%s", line)
     if summary.errors:
-        _logger.info("every failed file: python -m pipeline errors %s", config.run_dir)
+        _logger.info("every failed file: %s -m pipeline errors %s", shlex.quote(sys.executable),
+                     shlex.quote(str(config.run_dir)))
     if summary.too_many_errors:
         _logger.error("%d of %d images failed (%.1f%%), more than --max-error-rate %g allows: every row is committed, "
                       "exiting %d so that the scheduler raises an alert", summary.errors, summary.images,
@@ -187,7 +187,7 @@ def errors(output_dir: Path, as_json: bool) -> None:
 
     try:
         failures.print_failures(output_dir, as_json)
-    except failures.OutputError as error:
+    except Refused as error:
         _logger.error("%s", error)
         sys.exit(Exit.USAGE)
 
@@ -222,11 +222,11 @@ def finalize(output_dir: Path, partition: tuple[tuple[str, str], ...], verbose: 
     the shards, so it is safe at any time. Exit 0: finished; 10: shards are missing (named), rerun their ranks.
     """
     _setup_logging(verbose)
-    from pipeline.finish import NotStarted, finalize
+    from pipeline.finish import finalize
 
     try:
         plan, ended = finalize(output_dir, partition)
-    except NotStarted as error:
+    except Refused as error:
         _logger.error("%s", error)
         sys.exit(Exit.USAGE)
     if not ended.finished:

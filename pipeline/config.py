@@ -22,32 +22,43 @@ def default_workers() -> int:
     return max(1, min(cores, 16))
 
 
+def _option(default=dataclasses.MISSING, *, identity: bool, **more):
+    """A field of Config; identity: it changes what a row contains, so a resume must keep it (pipeline.prepare
+    puts its resolved value in the run's identity); otherwise it may change between a run and its resume."""
+    return dataclasses.field(default=default, metadata={"identity": identity}, **more)
+
+
 @dataclass(frozen=True)
 class Config:
-    input_dir: Path  # folder of images, listed recursively
-    output_dir: Path  # folder of Parquet shards, plan and manifest
-    weights: str = "imagenet"  # 'imagenet' (torchvision cache), 'random' (seeded) or a file path
-    labels: Path | None = None  # one class name per line; needed when the model has != 1000 classes
-    device: str = "auto"  # 'auto' (cuda when available), 'cpu' or 'cuda'
-    batch_size: int = 256  # images per GPU batch; the last batch of a run may be smaller
-    workers: int = dataclasses.field(default_factory=default_workers)  # DataLoader decode processes
-    shard_size: int | None = None  # rows per Parquet shard, the unit of commit and resume; None: the
-    #   saved plan's when resuming, else DEFAULT_SHARD_SIZE
-    precision: str = "auto"  # model precision: 'auto' (fp16 on a GPU, fp32 on the CPU), 'fp32', 'fp16', 'bf16'
-    decode: str = "auto"  # JPEG decoding: 'auto' (nvJPEG on a GPU, Pillow otherwise) or 'cpu' (always Pillow)
-    topk: int = 5  # how many (label, probability) pairs go in the topk columns
-    seed: int = 0  # seed of --weights random
-    progress: str = "auto"  # 'auto' (bar at a terminal, log lines otherwise), 'bar' or 'log'
-    log_every_s: float = 30.0  # seconds between progress log lines when there is no bar
-    partition: tuple[tuple[str, str], ...] = ()  # Hive partition (key, value) pairs: the run lives in
-    #   OUTPUT/key=value/...; checked by pipeline.layout.parse_partition
-    logits: str = "float32"  # 'float32', 'float16' (rounded to half precision) or 'none' (null logits column)
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # larger images are error rows, refused from the header
-    max_error_rate: float = DEFAULT_MAX_ERROR_RATE  # a higher share of error rows: every row is committed, but
-    #   the process exits 3 (TOO_MANY_ERRORS) so that cron and Slurm raise an alert
-    rank: int | None = None  # --rank: this process's share of the plan is the shards k with k % world_size == rank;
-    #   None: from Slurm or torchrun variables (pipeline.ranks), else 0
-    world_size: int | None = None  # --world-size: how many processes share the plan; None: as rank
+    input_dir: Path = _option(identity=True)  # folder of images, listed recursively
+    output_dir: Path = _option(identity=False)  # folder of Parquet shards, plan and manifest (where, not what)
+    weights: str = _option("imagenet", identity=True)  # 'imagenet' (torchvision cache), 'random' (seeded) or a file
+    labels: Path | None = _option(None, identity=True)  # one class name per line; needed when the model has != 1000
+    #   classes
+    device: str = _option("auto", identity=False)  # 'auto' (cuda when available), 'cpu' or 'cuda'; what it
+    #   changes in a row (precision, decoder) is in the identity through precision and decode
+    batch_size: int = _option(256, identity=False)  # images per model batch; the last batch may be smaller
+    workers: int = _option(identity=False, default_factory=default_workers)  # DataLoader decode processes
+    shard_size: int | None = _option(None, identity=False)  # rows per Parquet shard, the unit of commit and resume;
+    #   None: the saved plan's when resuming, else DEFAULT_SHARD_SIZE (a resume always keeps the saved plan's)
+    precision: str = _option("auto", identity=True)  # model precision: 'auto' (fp16 on a GPU, fp32 on the CPU),
+    #   'fp32', 'fp16', 'bf16'
+    decode: str = _option("auto", identity=True)  # JPEG decoding: 'auto' (nvJPEG on a GPU, Pillow otherwise) or
+    #   'cpu' (always Pillow)
+    topk: int = _option(5, identity=True)  # how many (label, probability) pairs go in the topk columns
+    seed: int = _option(0, identity=True)  # seed of --weights random (part of the weights' fingerprint)
+    progress: str = _option("auto", identity=False)  # 'auto' (bar at a terminal, log lines otherwise), 'bar', 'log'
+    log_every_s: float = _option(30.0, identity=False)  # seconds between progress log lines when there is no bar
+    partition: tuple[tuple[str, str], ...] = _option((), identity=False)  # Hive partition (key, value) pairs: the
+    #   run lives in OUTPUT/key=value/... (where, not what); checked by pipeline.layout.parse_partition
+    logits: str = _option("float32", identity=True)  # 'float32', 'float16' (rounded to half precision) or 'none'
+    max_image_pixels: int = _option(DEFAULT_MAX_IMAGE_PIXELS, identity=True)  # larger images are error rows
+    max_error_rate: float = _option(DEFAULT_MAX_ERROR_RATE, identity=False)  # a higher share of error rows: every
+    #   row is committed, but the process exits 3 (TOO_MANY_ERRORS) so that cron and Slurm raise an alert
+    rank: int | None = _option(None, identity=False)  # --rank: this process's share of the plan is the shards k with
+    #   k % world_size == rank; None: from Slurm or torchrun variables (pipeline.ranks), else 0
+    world_size: int | None = _option(None, identity=False)  # --world-size: how many processes share the plan;
+    #   None: as rank
 
     @property
     def run_dir(self) -> Path:
@@ -57,3 +68,18 @@ class Config:
     def to_json(self) -> dict:
         """The config as plain JSON values, for the run metadata."""
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+def identity_options() -> list[str]:
+    """The options that change what a row contains: a resume must give the same (docs/operations.md lists them)."""
+    return [f.name for f in dataclasses.fields(Config) if f.metadata["identity"]]
+
+
+def resumable_options() -> list[str]:
+    """The options that may change between a run and its resume."""
+    return [f.name for f in dataclasses.fields(Config) if not f.metadata["identity"]]
+
+
+class Refused(Exception):
+    """The run cannot start as asked (input, output, weights, labels, options, ranks): nothing was written, and the
+    message names the fix. The command line exits 2."""

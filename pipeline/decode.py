@@ -5,8 +5,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
-import os
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -15,7 +13,7 @@ import numpy as np
 import pyarrow.compute as pc
 import torch
 from PIL import Image, ImageOps
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
@@ -24,6 +22,7 @@ from pipeline.causes import Unusable
 from pipeline.config import DEFAULT_MAX_IMAGE_PIXELS
 from pipeline.plan import Plan
 from pipeline.read import failure, open_file, open_image, pixel_limit
+from pipeline.source import LocalFolder
 
 _logger = logging.getLogger(__name__)
 
@@ -32,7 +31,6 @@ ORIENTATION_TAG = 0x0112  # EXIF orientation; nvJPEG ignores it, so rotated file
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited onto white before classification
 MAX_ASPECT = 16  # a longer side beyond 16x the shorter is cut to its centre first: the crop never sees it
 PREFETCH = 4  # batches each worker decodes ahead
-CRASH_ON_ENV = "PIPELINE_TEST_CRASH_ON"  # test-only: comma-separated file names whose decoding kills the worker
 
 
 @dataclass(frozen=True)
@@ -145,13 +143,6 @@ def to_rgb(image: Image.Image) -> Image.Image:
         raise Unusable(causes.MODE, f"{image.mode} ({error})") from None
 
 
-def _crash_if_asked(path: Path) -> None:
-    """Test-only: a real worker death (SIGSEGV) on the files named in PIPELINE_TEST_CRASH_ON, in DataLoader workers."""
-    names = os.environ.get(CRASH_ON_ENV)
-    if names and path.name in names.split(",") and get_worker_info() is not None:
-        os.kill(os.getpid(), signal.SIGSEGV)
-
-
 @dataclass
 class Sample:
     """One work item as a worker hands it over: decoded pixels, JPEG bytes for the GPU, or an error."""
@@ -184,7 +175,7 @@ class Batch:
         The JPEG bytes are pinned too: nvJPEG copies each file to the device inside torchvision's
         decode call, which holds a process-wide lock; from pageable memory each copy is staged on the
         host first. On an H100 that gave about 8 % more steady throughput for about 1 GiB more main-process
-        memory, the pinned bytes of the batches in flight (docs/benchmarks.md, fifth session).
+        memory, the pinned bytes of the batches in flight (docs/benchmarks.md).
         """
         return dataclasses.replace(self, images=self.images.pin_memory(), encoded=self.encoded.pin_memory())
 
@@ -192,9 +183,9 @@ class Batch:
 class ImageFiles(Dataset):
     """The items of a plan, by position in `indices`; each becomes one Sample."""
 
-    def __init__(self, input_dir: Path, plan: Plan, indices: list[int], preprocess: Preprocess,
+    def __init__(self, source: LocalFolder, plan: Plan, indices: list[int], preprocess: Preprocess,
                  gpu_jpeg: bool = False, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
-        self.input_dir = input_dir
+        self.source = source  # lists and opens the items (pipeline.source)
         self.paths = plan.paths  # Arrow: shared by forked workers without copy-on-write growth
         self.escaped = plan.escaped if plan.escaped is not None and pc.any(plan.escaped).as_py() else None
         self.indices = indices
@@ -209,10 +200,8 @@ class ImageFiles(Dataset):
         index = self.indices[position]
         if self.escaped is not None and self.escaped[index].as_py():
             return Sample(index, error=str(Unusable(causes.BAD_NAME, "rename it (the path shows its bytes as \\xNN)")))
-        path = self.input_dir / self.paths[index].as_py()
-        _crash_if_asked(path)
         try:
-            with open_file(path) as file:
+            with self.source.open(self.paths[index].as_py()) as file:
                 if not self.gpu_jpeg:
                     return Sample(index, image=decode_stream(file, self.preprocess, self.max_pixels))
                 data = file.read()

@@ -7,7 +7,7 @@ import re
 import socket
 from pathlib import Path
 
-from pipeline import faults
+from pipeline import testhooks
 
 # The host as well as the pid: processes on two hosts (containers, say) can have the same pid and publish the same
 # file (the plan, _SUCCESS) into a shared OUTPUT at the same moment; one temp file for both would mix their bytes.
@@ -56,12 +56,12 @@ def durable_publish(path: Path, data: bytes, exclusive: bool = False) -> bool:
             half = len(data) // 2
             f.write(memoryview(data)[:half])
             f.flush()
-            faults.at("write", path)
+            testhooks.at("write", path)
             f.write(memoryview(data)[half:])
             f.flush()
-            faults.at("fsync", path)
+            testhooks.at("fsync", path)
             os.fsync(f.fileno())
-        faults.at("rename", path)
+        testhooks.at("rename", path)
         if exclusive:
             try:
                 os.link(temp, path)
@@ -69,7 +69,7 @@ def durable_publish(path: Path, data: bytes, exclusive: bool = False) -> bool:
                 return False
         else:
             os.replace(temp, path)
-        faults.at("dir-fsync", path)
+        testhooks.at("dir-fsync", path)
         fsync_dir(path.parent)
         return True
     except OSError as error:

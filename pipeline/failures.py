@@ -11,31 +11,33 @@ from pathlib import Path
 from typing import TextIO
 
 from pipeline.causes import cause_of
-from pipeline.plan import PLAN_NAME
+from pipeline.config import Refused
+from pipeline.runfolder import PLAN_NAME, RunFolder
 
 
-class OutputError(Exception):
+class OutputError(Refused):
     """The folder is not the output of a classify run; the message names the fix."""
 
 
 def failed_rows(output_dir: Path) -> Iterator[tuple[str, str]]:
-    """(path, error) of every error row of the committed shards, in plan order, one shard in memory at a time."""
-    if not (output_dir / PLAN_NAME).is_file():
-        runs = sorted(plan.parent for plan in output_dir.glob(f"**/{PLAN_NAME}")) if output_dir.is_dir() else []
+    """(path, error) of every error row of the committed shards of the plan, in plan order, one shard in memory at a
+    time. Only the plan's own shards are read, whatever else the folder holds (the input itself, say)."""
+    folder = RunFolder(output_dir)
+    plan = folder.load_plan() if output_dir.is_dir() else None
+    if plan is None:
+        runs = sorted(path.parent for path in output_dir.glob(f"**/{PLAN_NAME}")) if output_dir.is_dir() else []
         if runs:
             raise OutputError(f"{output_dir} holds partitioned runs: pass one run's folder, for example {runs[-1]}")
         raise OutputError(f"{output_dir} is not the output of a classify run (it has no {PLAN_NAME}): "
                           "pass the OUTPUT folder given to `pipeline classify`")
-    import pyarrow.dataset as ds  # here, not at the top: it imports pandas where installed, 0.4 s of every start
-
-    shards = ds.dataset(output_dir, format="parquet")  # names starting with '_' or '.' are skipped
-    for shard in sorted(shards.get_fragments(), key=lambda fragment: fragment.path):
-        table = shard.to_table(columns=["path", "error"], filter=ds.field("status") == "error")
-        yield from zip(table["path"].to_pylist(), table["error"].to_pylist(), strict=True)
+    records, _ = folder.committed(plan)
+    for shard, record in sorted(records.items()):
+        if record.get("status_counts", {}).get("error", 0):
+            yield from zip(*folder.failed_rows(plan, shard), strict=True)
 
 
 def first_failures(output_dir: Path, limit: int = 5) -> list[tuple[str, str]]:
-    """The first few failed rows, for the summary; shards without errors are skipped by their statistics."""
+    """The first few failed rows, for the summary; shards without errors are skipped by their records."""
     return list(islice(failed_rows(output_dir), limit))
 
 

@@ -33,7 +33,7 @@ class GpuDecoder:
 
     threads = 2  # decode_ahead's threads: torchvision's lock lets a second one overlap one batch's decoding
     #   with another's resizing; a third did not pay, nor did TorchCodec's lock-free decoder on 2-6 threads
-    #   (docs/benchmarks.md, sixth session)
+    #   (docs/benchmarks.md)
 
     def __init__(self, device: torch.device, preprocess: Preprocess, batch_size: int, dtype: torch.dtype):
         if device.type == "cuda" and device.index is None:  # threads set it as their current device: pin it

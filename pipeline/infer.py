@@ -21,11 +21,8 @@ _logger = logging.getLogger(__name__)
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    """The device of this process: on a GPU, the local rank's (local_rank % visible GPUs), made the current one."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but no CUDA GPU is visible: use --device cpu or auto")
+    """The device of this process ('cuda' or 'cpu', checked by pipeline.prepare): on a GPU, the local rank's
+    (local_rank % visible GPUs), made the current one."""
     if name != "cuda":
         return torch.device(name)
     default_allocator_settings(os.environ)
@@ -54,30 +51,21 @@ class Scored:
     topk_probs: np.ndarray  # float32 [n_ok, k]
 
 
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def pick_precision(name: str, device: torch.device) -> torch.dtype:
-    """'auto' is fp16 on a GPU (measured fastest, logits within cosine 0.999 of fp32) and fp32 on the CPU."""
-    if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return PRECISIONS[name]
-
-
 class Classifier:
     """The model on its device, in its precision, with the normalisation of its weights."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device, mean: list[float], std: list[float], topk: int,
-                 dtype: torch.dtype = torch.float32, decoder: GpuDecoder | None = None):
+                 dtype: torch.dtype = torch.float32, decoder: GpuDecoder | None = None, *, classes: int):
         self.device = device
         self.dtype = dtype
         self.memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
         # cudnn.benchmark stays off: on an H100 its tuning added 0.4-1.3 s to the first forward and the
-        #   tuned forward was no faster (scripts/startup.py, docs/benchmarks.md)
+        #   tuned forward was no faster (docs/benchmarks.md)
         self.model = model.to(device=device, dtype=dtype, memory_format=self.memory_format).eval()
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
         self.topk = topk
+        self.classes = classes
         self.decoder = decoder  # None: the workers decoded every image
         self.first_launch: float | None = None  # monotonic time the first batch went to the device
         self._warming: list[threading.Thread] = []
@@ -85,7 +73,7 @@ class Classifier:
     def start_warm_up(self) -> None:
         """On a GPU, start nvJPEG and load the model's kernels, on two threads, while the workers start and read.
 
-        Each first call costs about 0.7 s (scripts/startup.py), waiting in C++ without the GIL, so
+        Each first call costs about 0.7 s (docs/benchmarks.md), waiting in C++ without the GIL, so
         both go by beside the workers' start; the first real batch then finds them ready.
         """
         if self.device.type != "cuda" or self.decoder is None:  # on a GPU the decoder is always there
@@ -158,7 +146,7 @@ class Classifier:
 
     def _collect(self, batch: Batch, outputs, done) -> Scored:
         if outputs is None:
-            classes = self.model.fc.out_features
+            classes = self.classes
             return Scored(batch, np.empty((0, classes), np.float32), np.empty((0, self.topk), np.int32),
                           np.empty((0, self.topk), np.float32))
         if done is not None:

@@ -7,9 +7,9 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from pipeline.commit import MANIFEST_NAME
-from pipeline.plan import PLAN_NAME, load_facts
-from pipeline.writer import SCHEMA
+from pipeline.config import Refused
+from pipeline.parquet import SCHEMA
+from pipeline.runfolder import RunFolder
 
 # Lower case because Athena, Hive and BigQuery fold column names; a leading letter because a leading
 # '_' or '.' hides a folder from readers. Values keep to characters no reader escapes or decodes.
@@ -17,7 +17,7 @@ KEY = re.compile(r"[a-z][a-z0-9_]{0,63}")
 VALUE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
-class LayoutError(Exception):
+class LayoutError(Refused):
     """The partition or the output folder cannot take this run; the message names the fix."""
 
 
@@ -46,11 +46,32 @@ def parse_partitions(texts: Iterable[str]) -> tuple[tuple[str, str], ...]:
     return pairs
 
 
+def check_output(run_dir: Path) -> None:
+    """Refuse, before anything is written, a run folder that cannot be created or written by this process."""
+    try:
+        str(run_dir).encode("utf-8")
+    except UnicodeEncodeError:
+        raise LayoutError(f"OUTPUT {str(run_dir)!r} is not valid UTF-8: the run facts and the manifest name it, so "
+                          "pass a path whose names are UTF-8 (rename the folder)") from None
+    existing = run_dir
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        if existing == run_dir:
+            raise LayoutError(f"OUTPUT {run_dir} is a file, not a folder: pass a folder (a missing one is created)")
+        raise LayoutError(f"{existing} is not a folder, so OUTPUT {run_dir} cannot be created under it: pass a "
+                          "path whose parents are folders")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        read_only = os.statvfs(existing).f_flag & os.ST_RDONLY
+        raise LayoutError(f"cannot write in {existing}: " + ("it is on a read-only filesystem" if read_only else
+                          "this user has no write permission there") + "; pass an OUTPUT this user can write")
+
+
 def check_layout(output_dir: Path, partition: tuple[tuple[str, str], ...]) -> None:
     """Refuse to mix layouts in one OUTPUT: Hive readers need the same keys at the same depth everywhere."""
     if not output_dir.is_dir():
         return
-    if partition and (output_dir / PLAN_NAME).exists():
+    if partition and RunFolder(output_dir).has_plan():
         raise LayoutError(f"{output_dir} holds an unpartitioned run: drop --partition to resume it, or write "
                           "partitioned runs to a new OUTPUT")
     with os.scandir(output_dir) as entries:
@@ -66,20 +87,20 @@ def check_layout(output_dir: Path, partition: tuple[tuple[str, str], ...]) -> No
 
 def check_no_unfinished_twin(output_dir: Path, partition: tuple[tuple[str, str], ...], identity: dict) -> None:
     """Before a new partition is planned: refuse when a sibling partition holds an unfinished run of the same
-    input and weights (say a run killed before midnight and retried after it with the next date), which
-    would classify the same images twice."""
+    identity (say a run killed before midnight and retried after it with the next date), which would classify the
+    same images twice."""
     if not partition:
         return
     own = output_dir.joinpath(*(f"{key}={value}" for key, value in partition))
-    for plan_path in sorted(output_dir.glob("/".join(["*"] * len(partition) + [PLAN_NAME]))):
-        folder = plan_path.parent
-        if folder == own or (folder / MANIFEST_NAME).exists():
+    for path in sorted(output_dir.glob("/".join(["*=*"] * len(partition)))):
+        folder = RunFolder(path)
+        if path == own or not path.is_dir() or not folder.has_plan() or folder.is_finished():
             continue
-        facts = load_facts(folder) or {}
+        facts = folder.load_facts() or {}
         if all(facts.get(key) == value for key, value in identity.items()):
-            resume = " ".join(f"--partition {part}" for part in folder.relative_to(output_dir).parts)
+            resume = " ".join(f"--partition {part}" for part in path.relative_to(output_dir).parts)
             raise LayoutError(
-                f"{folder} holds an unfinished run of the same input and weights (run id {facts.get('run_id')}): "
+                f"{path} holds an unfinished run of the same input and model (run id {facts.get('run_id')}): "
                 f"resume it with {resume}, or remove that folder if it is abandoned; a new run beside it "
                 "would classify the same images twice"
             )

@@ -1,4 +1,5 @@
-"""One writer per output: an flock on a file inside OUTPUT, released by the kernel when its holder dies."""
+"""One writer per run folder: an flock on a file in it, naming its holder, released by the kernel when its holder
+dies, and never held by the holder's children."""
 
 from __future__ import annotations
 
@@ -14,23 +15,34 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
+from pipeline.config import Refused
 from pipeline.durable import WriteError
 
 _logger = logging.getLogger(__name__)
 
-LOCKS_DIR = "_locks"  # a leading '_': warehouse readers and table globs skip it
+_held: set[int] = set()  # descriptors of the locks this process holds
+
+
+def _close_in_child() -> None:
+    """A forked child (a decode worker) must not keep its parent's locks: an flock belongs to the open file, which
+    a fork shares, so a worker orphaned by a kill -9 of its parent would hold the lock on until it ended."""
+    for fd in list(_held):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_close_in_child)
 
 
 class Locked(Exception):
     """Another live process holds the lock; the message names it."""
 
 
-class LockError(Exception):
+class LockError(Refused):
     """The lock cannot be taken at all (the filesystem does not support flock); the message names the fix."""
-
-
-def lock_path(output_dir: Path, name: str) -> Path:
-    return output_dir / LOCKS_DIR / f"{name}.lock"
 
 
 def _holder() -> dict:
@@ -48,26 +60,27 @@ def _describe_holder(fd: int) -> str:
             f"({' '.join(holder.get('command', []))})")
 
 
-@contextmanager
-def acquire(output_dir: Path, name: str = "output", shared: bool = False, wait: bool = False) -> Iterator[Path]:
-    """Hold OUTPUT/_locks/NAME.lock for the duration, or raise Locked at once naming the holder (with `wait`,
-    block until the holder lets go instead).
+def _busy(path: Path, fd: int) -> Locked:
+    folder = path.parent.parent
+    return Locked(f"{folder} is being written by {_describe_holder(fd)}: wait for that run to end or stop it, "
+                  f"or write to another OUTPUT (lock file {path})")
 
-    Exclusive by default: one writer per output. `shared` holders (for example the ranks of one multi-process run)
-    exclude exclusive ones but not each other; each rank can then hold its own exclusive lock by another name.
-    The lock file is never deleted (deleting it would let a second process lock a new file of the same name).
+
+@contextmanager
+def acquire(path: Path, shared: bool = False, wait: bool = False) -> Iterator[Path]:
+    """Hold the lock file at path for the duration, or raise Locked at once naming the holder (with `wait`, block
+    until the holder lets go instead).
+
+    Exclusive by default: one writer. `shared` holders (the ranks of one multi-process run) exclude exclusive ones
+    but not each other. The lock file is never deleted (that would let a second process lock a new file of the
+    same name).
     """
-    path = lock_path(output_dir, name)
-    path.parent.mkdir(exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         try:
             fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
-            raise Locked(
-                f"{output_dir} is being written by {_describe_holder(fd)}: wait for that run to end or stop it, "
-                f"or write to another OUTPUT (lock file {path})"
-            ) from None
+            raise _busy(path, fd) from None
         except OSError as error:
             if error.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
                 raise LockError(
@@ -75,6 +88,7 @@ def acquire(output_dir: Path, name: str = "output", shared: bool = False, wait: 
                     "(Lustre: mount with -o flock; NFS: enable locking). Write OUTPUT to a filesystem that does"
                 ) from error
             raise
+        _held.add(fd)
         try:
             os.ftruncate(fd, 0)  # shared holders leave it empty: no stale details of a dead holder
             if not shared:
@@ -84,19 +98,34 @@ def acquire(output_dir: Path, name: str = "output", shared: bool = False, wait: 
         _logger.debug("holding %s", path)
         yield path
     finally:
+        _held.discard(fd)
         os.close(fd)  # releases the lock
 
 
-def held(output_dir: Path, name: str) -> bool:
-    """Whether a live process holds OUTPUT/_locks/NAME.lock, shared or exclusive (a moment's exclusive try)."""
+def held(path: Path, shared: bool = False) -> bool:
+    """Whether a live process holds the lock file at path (any holder; with `shared`, only an exclusive one would
+    exclude a shared holder); creates nothing, and holds nothing after it returns."""
     try:
-        fd = os.open(lock_path(output_dir, name), os.O_RDONLY)
-    except FileNotFoundError:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
         return True
+    except OSError:  # a filesystem where a read-only descriptor cannot be locked: the real lock decides
+        return False
     finally:
         os.close(fd)
     return False
+
+
+def refuse_if_held(path: Path, shared: bool = False) -> None:
+    """Raise Locked naming the holder when a live process holds path in a way that excludes us (a quick check before
+    the slow start of a run; the real lock, taken later, decides)."""
+    if held(path, shared):
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            raise _busy(path, fd)
+        finally:
+            os.close(fd)

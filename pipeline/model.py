@@ -1,9 +1,11 @@
-"""Find and check the weights, build torchvision's ResNet18 from them, and name its classes."""
+"""The model: find and check the weights, build torchvision's ResNet18 from them, name its classes, and give its
+preprocessing and facts. Another architecture changes this module only."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,12 +13,14 @@ import torch
 from torch.hub import get_dir
 from torchvision.models import ResNet18_Weights, resnet18
 
+from pipeline.config import Refused
+
 _logger = logging.getLogger(__name__)
 
 IMAGENET = ResNet18_Weights.IMAGENET1K_V1
 
 
-class WeightsError(Exception):
+class WeightsError(Refused):
     """The weights or labels cannot be used; the message names the fix."""
 
 
@@ -28,9 +32,6 @@ class WeightsSource:
     path: Path | None  # the file for 'imagenet' (torchvision's cache) and 'file'
     sha256: str  # fingerprint of the file; for 'random', of the seed
     seed: int
-
-    def facts(self) -> dict:
-        return {"weights": self.kind, "weights_path": str(self.path or ""), "weights_sha256": self.sha256}
 
 
 def _sha256(path: Path) -> str:
@@ -56,8 +57,11 @@ def _fetch_imagenet() -> Path:
         raise WeightsError(
             f"the ImageNet weights are not in torchvision's cache ({path}) and could not be "
             f"downloaded ({type(error).__name__}: {error}). Fix: on a machine with internet, download "
-            f"{IMAGENET.url} to {path} (or set TORCH_HOME to a folder holding checkpoints/{path.name}), "
-            "or pass --weights PATH to a ResNet18 state_dict file"
+            f"{IMAGENET.url} to {path} (or set TORCH_HOME to a folder holding hub/checkpoints/{path.name}), "
+            + ("or pass WEIGHTS=PATH (a ResNet18 state_dict file) or WEIGHTS=random (a seeded random model, for a "
+               "smoke test) to make" if "MAKELEVEL" in os.environ else
+               "or pass --weights PATH to a ResNet18 state_dict file, or --weights random for a seeded random model "
+               "(a smoke test)")
         ) from error
     return path
 
@@ -79,7 +83,8 @@ def _state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise WeightsError(f"--weights {path} cannot be read as a PyTorch file: {error}") from error
+        raise WeightsError(f"--weights {path} cannot be read as a PyTorch file ({type(error).__name__}: {error}): "
+                           "pass a complete state_dict or checkpoint saved with torch.save") from error
     for key in ("state_dict", "model"):  # checkpoints of torchvision's reference scripts
         if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
             loaded = loaded[key]
@@ -88,7 +93,7 @@ def _state_dict(path: Path) -> dict[str, torch.Tensor]:
     return loaded
 
 
-def build_model(source: WeightsSource) -> torch.nn.Module:
+def _build(source: WeightsSource) -> torch.nn.Module:
     """ResNet18 in eval mode on the CPU, with the class count of its weights."""
     if source.kind == "random":
         torch.manual_seed(source.seed)
@@ -102,10 +107,15 @@ def build_model(source: WeightsSource) -> torch.nn.Module:
     return model.eval()
 
 
-def class_names(num_classes: int, labels: Path | None) -> list[str]:
+def _class_names(num_classes: int, labels: Path | None) -> list[str]:
     """Names from --labels (one per line), else ImageNet's categories from the weights' metadata."""
     if labels is not None:
-        names = [line.strip() for line in labels.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            text = labels.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise WeightsError(f"--labels {labels} cannot be read as UTF-8 text ({error}): pass a text file with "
+                               "one class name per line") from error
+        names = [line.strip() for line in text.splitlines() if line.strip()]
         if len(names) != num_classes:
             raise WeightsError(
                 f"--labels {labels} has {len(names)} names but the model has {num_classes} classes: "
@@ -118,6 +128,33 @@ def class_names(num_classes: int, labels: Path | None) -> list[str]:
     return list(categories)
 
 
-def preprocessing_transforms():
-    """The weights' own eval transforms; resize and crop sizes are read off them."""
-    return IMAGENET.transforms()
+@dataclass
+class Model:
+    """A built, checked model: the network on the CPU, its class names, preprocessing and facts."""
+
+    source: WeightsSource
+    net: torch.nn.Module
+    names: list[str]
+    transforms: object  # the weights' own eval transforms (torchvision ImageClassification)
+
+    @property
+    def classes(self) -> int:
+        return len(self.names)
+
+    def identity(self) -> dict:
+        """What about the model decides a row's content: part of the run's identity."""
+        return {"model": "torchvision.models.resnet18", "weights": self.source.kind,
+                "weights_sha256": self.source.sha256, "classes": self.classes,
+                "labels_sha256": hashlib.sha256("\n".join(self.names).encode()).hexdigest(),
+                "preprocessing": repr(self.transforms)}
+
+    def facts(self) -> dict:
+        """Facts about the model that do not decide a row's content."""
+        return {"weights_path": str(self.source.path or "")}
+
+
+def load(weights: str, seed: int, labels: Path | None) -> Model:
+    """The model the options name, built and checked (raises WeightsError naming the fix)."""
+    source = resolve_weights(weights, seed)
+    net = _build(source)
+    return Model(source, net, _class_names(net.fc.out_features, labels), IMAGENET.transforms())

@@ -17,12 +17,16 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline import lock
+from pipeline.config import Refused
+
+if TYPE_CHECKING:
+    from pipeline.runfolder import RunFolder
 
 
-class RankError(Exception):
+class RankError(Refused):
     """The rank variables contradict each other; the message names the fix."""
 
 
@@ -123,8 +127,18 @@ def _world_lock(world_size: int) -> str:
     return f"world-{world_size:05d}"
 
 
+def refuse_if_busy(folder: RunFolder, rank: Rank) -> None:
+    """Before the slow start of a run (torch's import, the weights): lock.Locked at once when hold() would refuse
+    for a writer already there. Creates nothing; hold() still decides."""
+    if rank.world_size == 1:
+        lock.refuse_if_held(folder.existing_lock_file("output"))
+        return
+    lock.refuse_if_held(folder.existing_lock_file("output"), shared=True)
+    lock.refuse_if_held(folder.existing_lock_file(f"rank-{rank.rank:05d}"))
+
+
 @contextmanager
-def hold(run_dir: Path, rank: Rank) -> Iterator[None]:
+def hold(folder: RunFolder, rank: Rank) -> Iterator[None]:
     """The locks this process writes under, for the duration; lock.Locked at once when it must not write.
 
     A single process holds the run folder's lock alone (no other writer at all). A rank of N holds it shared with
@@ -135,16 +149,16 @@ def hold(run_dir: Path, rank: Rank) -> Iterator[None]:
     resume with another world size.
     """
     if rank.world_size == 1:
-        with lock.acquire(run_dir):
+        with lock.acquire(folder.lock_file("output")):
             yield
         return
     own = _world_lock(rank.world_size)
-    with lock.acquire(run_dir, shared=True), lock.acquire(run_dir, own, shared=True):
-        for path in sorted((run_dir / lock.LOCKS_DIR).glob("world-*.lock")):
-            if path.stem != own and lock.held(run_dir, path.stem):
+    with lock.acquire(folder.lock_file("output"), shared=True), lock.acquire(folder.lock_file(own), shared=True):
+        for name in folder.lock_names("world-"):
+            if name != own and lock.held(folder.existing_lock_file(name)):
                 raise lock.Locked(
-                    f"{run_dir} is being written by ranks of a run of world size {int(path.stem[6:])}, not "
+                    f"{folder.path} is being written by ranks of a run of world size {int(name[6:])}, not "
                     f"{rank.world_size}: they share the shards out differently. Wait for them to end or stop them, "
-                    f"or start this process with --world-size {int(path.stem[6:])} --rank R to stand in for rank R")
-        with lock.acquire(run_dir, f"rank-{rank.rank:05d}"):
+                    f"or start this process with --world-size {int(name[6:])} --rank R to stand in for rank R")
+        with lock.acquire(folder.lock_file(f"rank-{rank.rank:05d}")):
             yield

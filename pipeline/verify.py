@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-from pipeline.commit import MANIFEST_NAME, RECORDS_DIR, shard_name
-from pipeline.durable import published_name
-from pipeline.plan import Plan, load_plan
+from pipeline import parquet
+from pipeline.plan import Plan
+from pipeline.runfolder import MANIFEST_NAME, RunFolder, shard_name
 
 _logger = logging.getLogger(__name__)
 
@@ -86,36 +82,36 @@ def _from_manifest(report: Report, plan: Plan, manifest: dict) -> list[Listed]:
     return listed
 
 
-def _from_records(report: Report, plan: Plan) -> list[Listed]:
+def _from_records(report: Report, folder: RunFolder, plan: Plan) -> list[Listed]:
     """Committed shards of an unfinished output: by their records, or visible without one (rebuilt on resume)."""
     listed = []
     for shard in range(plan.shard_count):
-        name = shard_name(plan, shard)
-        record_path = report.output_dir / RECORDS_DIR / f"{name}.json"
-        try:
-            record = json.loads(record_path.read_bytes())
-            listed.append(Listed(shard, record["file"], record["rows"], record["sha256"]))
-            continue
-        except FileNotFoundError:
-            pass
-        except (OSError, ValueError, KeyError) as error:
-            report.notes.append(f"record {record_path.name} is unreadable ({error}); the next run rebuilds it")
-        if (report.output_dir / name).exists():
+        record = folder.read_record(plan, shard)
+        if record is not None:
+            try:
+                listed.append(Listed(shard, record["file"], record["rows"], record["sha256"]))
+                continue
+            except KeyError as error:
+                report.notes.append(f"the record of shard {shard} lacks {error}; the next run rebuilds it")
+        elif folder.record_file(plan, shard).exists():
+            report.notes.append(f"the record of shard {shard} is unreadable; the next run rebuilds it")
+        if folder.shard_file(plan, shard).exists():
+            name = shard_name(plan.run_id, shard)
             listed.append(Listed(shard, name, len(plan.shard_range(shard)), None))
             report.notes.append(f"{name} is visible without its record (killed between the two); the next run "
                                 "writes the record")
     return listed
 
 
-def _check_shard(report: Report, plan: Plan, entry: Listed) -> bool:
+def _check_shard(report: Report, folder: RunFolder, plan: Plan, entry: Listed) -> bool:
     """Whether one listed shard is whole: exists, opens, has its share of the plan in order, and its checksum."""
-    path = report.output_dir / shard_name(plan, entry.shard)
     expected = plan.shard_range(entry.shard)
-    if entry.file != path.name:
-        report.fail(Check.MANIFEST, f"shard {entry.shard} is listed as {entry.file}, not {path.name}")
+    name = shard_name(plan.run_id, entry.shard)
+    if entry.file != name:
+        report.fail(Check.MANIFEST, f"shard {entry.shard} is listed as {entry.file}, not {name}")
         return False
     try:
-        data = path.read_bytes()
+        data = folder.read_shard(plan, entry.shard)
     except FileNotFoundError:
         report.fail(Check.MISSING, f"{entry.file} does not exist")
         return False
@@ -123,7 +119,7 @@ def _check_shard(report: Report, plan: Plan, entry: Listed) -> bool:
         report.fail(Check.UNREADABLE, f"{entry.file} cannot be read: {error}")
         return False
     try:
-        paths = pq.read_table(pa.BufferReader(data), columns=["path"]).column("path").combine_chunks()
+        paths = parquet.read_paths(data)
     except Exception as error:  # any Parquet or Arrow error: the file is not a readable shard
         report.fail(Check.UNREADABLE, f"{entry.file} does not open as Parquet: {error}")
         return False
@@ -141,18 +137,12 @@ def _check_shard(report: Report, plan: Plan, entry: Listed) -> bool:
     return True
 
 
-def _visible_part_files(output_dir: Path) -> set[str]:
-    """Every Parquet file a warehouse reader would see (names under '_' or '.' folders and files are skipped)."""
-    return {str(path.relative_to(output_dir)) for path in output_dir.rglob("*.parquet")
-            if not any(part.startswith(("_", ".")) for part in path.relative_to(output_dir).parts)}
-
-
 def verify_output(output_dir: Path) -> Report:
     """Check output_dir without changing it; safe while a run is writing it."""
     report = Report(output_dir)
-    visible = _visible_part_files(output_dir)  # listed before the records, so a shard committed meanwhile is listed
+    folder = RunFolder(output_dir)
     try:
-        plan = load_plan(output_dir)
+        plan = folder.load_plan()
     except Exception as error:  # an Arrow error: the plan file is damaged
         report.fail(Check.PLAN, f"the plan _plan.arrow is unreadable: {error}")
         return report
@@ -160,17 +150,17 @@ def verify_output(output_dir: Path) -> Report:
         report.fail(Check.PLAN, "no _plan.arrow: not an output of `pipeline classify`, or its first run never planned")
         return report
     report.shards, report.rows = plan.shard_count, len(plan.paths)
+    stray = folder.stray_data_files(plan)  # listed before the records, so a shard committed meanwhile is listed
 
     listed = None
     try:
-        manifest = json.loads((output_dir / MANIFEST_NAME).read_bytes())
-        listed, report.finished = _from_manifest(report, plan, manifest), True
-    except FileNotFoundError:
-        pass
+        manifest = folder.read_manifest()
+        if manifest is not None:
+            listed, report.finished = _from_manifest(report, plan, manifest), True
     except (OSError, ValueError, KeyError, TypeError) as error:
         report.fail(Check.MANIFEST, f"{MANIFEST_NAME} is unreadable ({error}); checking the shard records instead")
     if listed is None:
-        listed = _from_records(report, plan)
+        listed = _from_records(report, folder, plan)
 
     seen: set[int] = set()
     for entry in listed:
@@ -178,13 +168,13 @@ def verify_output(output_dir: Path) -> Report:
             report.fail(Check.COVERAGE, f"shard {entry.shard} ({entry.file}) is listed twice or is not in the plan")
             continue
         seen.add(entry.shard)
-        if _check_shard(report, plan, entry):
+        if _check_shard(report, folder, plan, entry):
             report.committed_shards += 1
             report.committed_rows += entry.rows
-    for extra in sorted(visible - {entry.file for entry in listed}):
+    for extra in stray:
         report.fail(Check.COVERAGE, f"{extra} is not a committed shard of this output's plan: readers would count "
                                     "its rows too (move it away)")
-    temps = sum(published_name(path.name) is not None for path in output_dir.rglob(".*.tmp"))
+    temps = folder.temp_files()
     if temps:
         report.notes.append(f"{temps} temporary files of an interrupted run (invisible to readers; the next run "
                             "removes them)")

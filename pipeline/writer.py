@@ -1,128 +1,22 @@
-"""Turn scored batches into Arrow rows (one per input file, ok or error) and encode a shard as Parquet."""
+"""Buffer scored rows into whole shards, and encode and commit each on background threads."""
 
 from __future__ import annotations
 
-import json
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from datetime import datetime
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from pipeline.causes import error_counts
-from pipeline.commit import commit_shard, status_counts
+from pipeline import parquet
 from pipeline.config import default_workers
 from pipeline.plan import Plan
+from pipeline.runfolder import RunFolder
 
-if TYPE_CHECKING:  # infer imports torch; the schema and the layout checks must not need it
+if TYPE_CHECKING:
     from pipeline.infer import Scored
-
-SCHEMA_VERSION = 2  # 1: the first nine columns; 2: added run_id and run_started_at (docs/schema.md)
-
-# The columns of one image's row; rows() builds these. Evolution is additive and nullable only:
-# new columns go at the end, are nullable, and old columns keep their names and types.
-ROW_FIELDS = [
-    pa.field("path", pa.string(), nullable=False),  # relative to the input folder, '/'-separated
-    pa.field("status", pa.string(), nullable=False),  # 'ok' or 'error'
-    pa.field("error", pa.string()),  # "<cause>: <detail>" (pipeline/causes.py); null when ok
-    pa.field("label", pa.int32()),  # argmax class index; null for errors
-    pa.field("label_name", pa.string()),  # the class's name
-    pa.field("prob", pa.float32()),  # softmax probability of label
-    pa.field("topk_labels", pa.list_(pa.int32())),  # k best class indices, best first
-    pa.field("topk_probs", pa.list_(pa.float32())),  # their softmax probabilities
-    pa.field("logits", pa.list_(pa.float32())),  # every class's logit, in class order; null with --logits none
-]
-# The columns of the run, the same in every row of a shard; with_run_columns() adds them.
-RUN_FIELDS = [
-    pa.field("run_id", pa.string()),  # the run that wrote the row (also in the shard's name); v2
-    pa.field("run_started_at", pa.timestamp("us", tz="UTC")),  # when the run was planned, UTC; v2
-]
-SCHEMA = pa.schema(ROW_FIELDS + RUN_FIELDS)
-
-LOGITS_CHOICES = ("float32", "float16", "none")  # float16: rounded to half precision, stored as float32
-_FLOAT_COLUMNS = ("prob", "topk_probs.list.element", "logits.list.element")
-_DICTIONARY_COLUMNS = ["status", "error", "label_name", "run_id", "run_started_at"]
-
-
-def _ok_list(values: np.ndarray, ok: np.ndarray, value_type: pa.DataType) -> pa.ListArray:
-    """A list column with values's rows at the ok positions and nulls elsewhere."""
-    lengths = np.where(ok, values.shape[1], 0)
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-    flat = pa.array(values.reshape(-1), type=value_type)
-    return pa.ListArray.from_arrays(pa.array(offsets), flat, mask=pa.array(~ok))
-
-
-def _spread(values: np.ndarray, ok: np.ndarray, value_type: pa.DataType) -> pa.Array:
-    """values at the ok positions of a column as long as ok, nulls elsewhere."""
-    full = np.zeros(len(ok), dtype=values.dtype)
-    full[ok] = values
-    return pa.array(full, type=value_type, mask=~ok)
-
-
-def stored_logits(logits: np.ndarray, choice: str) -> np.ndarray | None:
-    """The logits as --logits keeps them: float32 as they are, float16 rounded to half precision
-    (still float32 in the file, so every reader reads them; beyond ±65504 they become ±inf), none: None."""
-    if choice == "float32":
-        return logits
-    if choice == "float16":
-        return logits.astype(np.float16).astype(np.float32)
-    if choice == "none":
-        return None
-    raise ValueError(f"logits must be one of {', '.join(LOGITS_CHOICES)}, not {choice!r}")
-
-
-def rows(scored: Scored, paths: pa.StringArray, names: pa.StringArray, logits: str = "float32") -> pa.Table:
-    """One row per item of the batch, in plan order: the ROW_FIELDS columns."""
-    batch = scored.batch
-    ok = np.array([error is None for error in batch.errors], dtype=bool)
-    labels = _spread(scored.topk_labels[:, 0], ok, pa.int32())
-    kept = stored_logits(scored.logits, logits)
-    return pa.Table.from_arrays(
-        [
-            paths.take(pa.array(batch.indices.numpy())),
-            pa.array(np.where(ok, "ok", "error"), type=pa.string()),
-            pa.array(batch.errors, type=pa.string()),
-            labels,
-            names.take(labels),
-            _spread(scored.topk_probs[:, 0], ok, pa.float32()),
-            _ok_list(scored.topk_labels, ok, pa.int32()),
-            _ok_list(scored.topk_probs, ok, pa.float32()),
-            _ok_list(kept, ok, pa.float32()) if kept is not None else pa.nulls(len(ok), pa.list_(pa.float32())),
-        ],
-        schema=pa.schema(ROW_FIELDS),
-    )
-
-
-def with_run_columns(table: pa.Table, run_id: str, started_at: str) -> pa.Table:
-    """table with the RUN_FIELDS columns appended: the run id and start time (ISO 8601) in every row."""
-    started = pa.scalar(datetime.fromisoformat(started_at), type=RUN_FIELDS[1].type)
-    for field, value in zip(RUN_FIELDS, [pa.scalar(run_id, pa.string()), started], strict=True):
-        table = table.append_column(field, pa.repeat(value, table.num_rows))
-    return table
-
-
-def encode_shard(table: pa.Table, run_facts: dict) -> bytes:
-    """A whole shard as Parquet bytes: one row group, zstd, floats byte-stream-split, timestamps in µs."""
-    if not table.schema.equals(SCHEMA):
-        raise ValueError(f"a shard must have the schema v{SCHEMA_VERSION} columns, not:\n{table.schema}")
-    metadata = {"schema_version": str(SCHEMA_VERSION), "pipeline.run": json.dumps(run_facts, sort_keys=True)}
-    table = table.replace_schema_metadata(metadata)
-    sink = pa.BufferOutputStream()
-    pq.write_table(
-        table,
-        sink,
-        row_group_size=max(1, table.num_rows),
-        compression="zstd",
-        use_dictionary=_DICTIONARY_COLUMNS,
-        column_encoding={column: "BYTE_STREAM_SPLIT" for column in _FLOAT_COLUMNS},
-        coerce_timestamps="us",
-    )
-    return sink.getvalue().to_pybytes()
 
 
 def _encoder_threads() -> int:
@@ -133,8 +27,8 @@ def _encoder_threads() -> int:
 class ShardWriter:
     """Buffers rows until a shard is whole, then encodes and commits it on background threads."""
 
-    def __init__(self, output_dir: Path, plan: Plan, names: list[str], run_facts: dict, logits: str = "float32"):
-        self.output_dir = output_dir
+    def __init__(self, folder: RunFolder, plan: Plan, names: list[str], run_facts: dict, logits: str = "float32"):
+        self.folder = folder
         self.plan = plan
         self.names = pa.array(names, type=pa.string())
         self.run_facts = run_facts
@@ -149,7 +43,7 @@ class ShardWriter:
 
     def add(self, scored: Scored) -> None:
         """Rows of one scored batch; a batch may end one shard and start the next."""
-        table = rows(scored, self.plan.paths, self.names, self.logits)
+        table = parquet.rows(scored, self.plan.paths, self.names, self.logits)
         shards = scored.batch.indices.numpy() // self.plan.shard_size
         cuts = np.flatnonzero(np.diff(shards)) + 1
         for start, stop in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [len(shards)]]), strict=True):
@@ -167,7 +61,7 @@ class ShardWriter:
 
     def _flush(self) -> None:
         table = pa.concat_tables(self.pieces).combine_chunks()
-        table = with_run_columns(table, self.plan.run_id, self.plan.facts["created_at"])
+        table = parquet.with_run_columns(table, self.plan.run_id, self.plan.facts["created_at"])
         expected = self.plan.paths[self.plan.shard_range(self.shard).start :][: table.num_rows]
         if not table.column("path").chunk(0).equals(expected):
             raise RuntimeError(f"shard {self.shard}: rows are not in plan order; refusing to commit it")
@@ -181,10 +75,8 @@ class ShardWriter:
         self.pieces, self.buffered = [], 0
 
     def _encode_and_commit(self, shard: int, table: pa.Table) -> None:
-        data = encode_shard(table, self.run_facts)
-        counts = status_counts(table["status"])
-        self.committed[shard] = commit_shard(self.output_dir, self.plan, shard, data, counts,
-                                             error_counts(table["error"]))
+        data = parquet.encode_shard(table, self.run_facts)
+        self.committed[shard] = self.folder.commit(self.plan, shard, data, *parquet.counts(table))
 
     def wait(self) -> None:
         """Block until the shards in flight are committed; re-raise the first error."""
