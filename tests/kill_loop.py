@@ -23,7 +23,7 @@ from pipeline.verify import Check, verify_output
 
 REPO = Path(__file__).resolve().parent.parent
 
-# Where a kill is aimed: the test pause points of pipeline/faults.py, or a random moment of the run.
+# Where a kill is aimed: the test pause points of pipeline/testhooks.py, or a random moment of the run.
 POINTS = ("plan-write", "plan-rename", "shard-write", "shard-fsync", "shard-rename", "shard-dir-fsync",
           "record-write", "record-rename", "manifest-write", "manifest-rename", "random")
 RUN_COLUMNS = ["run_id", "run_started_at"]  # differ between outputs by design

@@ -2,6 +2,7 @@
 the command's exit code and a flushed log; anything else still ends the normal way. Real processes."""
 
 import os
+import shlex
 import subprocess
 import sys
 
@@ -47,7 +48,8 @@ def test_a_finished_run_skips_the_teardown_with_its_log_whole(tmp_path, python):
     assert ok.returncode == 0, ok.stderr
     assert "teardown ran" not in ok.stderr
     last_line = ok.stderr.rstrip().splitlines()[-1]
-    assert last_line.endswith(f"every failed file: python -m pipeline errors {tmp_path / 'ok'}"), ok.stderr
+    command = f"{shlex.quote(sys.executable)} -m pipeline errors {shlex.quote(str(tmp_path / 'ok'))}"
+    assert last_line.endswith(f"every failed file: {command}"), ok.stderr
     assert too_many.returncode == 3 and "teardown ran" not in too_many.stderr
     assert "more than --max-error-rate 0.1 allows" in too_many.stderr.rstrip().splitlines()[-1]
     assert (tmp_path / "strict" / "_SUCCESS").exists(), "every row committed before the exit"

@@ -12,19 +12,21 @@ import torch
 from PIL import Image, ImageFile
 from torchvision.models import resnet18
 
+from pipeline import testhooks
 from pipeline.causes import Unusable
 from pipeline.config import DEFAULT_MAX_IMAGE_PIXELS
-from pipeline.decode import BACKGROUND, CRASH_ON_ENV, ImageFiles, Preprocess, Sample, collate, decode_file, to_rgb
-from pipeline.model import preprocessing_transforms
-from pipeline.plan import list_images, new_plan
+from pipeline.decode import BACKGROUND, ImageFiles, Preprocess, Sample, collate, decode_file, to_rgb
+from pipeline.model import IMAGENET
+from pipeline.plan import new_plan
+from pipeline.source import LocalFolder
 from tests.conftest import seeded_state_dict, write_image
 
-PREPROCESS = Preprocess.from_transforms(preprocessing_transforms())
+PREPROCESS = Preprocess.from_transforms(IMAGENET.transforms())
 
 
 def _reference(path):
     """The weights' own transforms, undone to uint8: what decode_file must produce."""
-    transforms = preprocessing_transforms()
+    transforms = IMAGENET.transforms()
     with Image.open(path) as image:
         x = transforms(image.convert("RGB"))
     mean = torch.tensor(transforms.mean).view(3, 1, 1)
@@ -59,8 +61,8 @@ def test_a_bad_file_becomes_an_error_in_its_own_place(tmp_path):
     write_image(tmp_path / "a.png", 0)
     (tmp_path / "b.jpg").write_bytes(b"<html>not found</html>")
     write_image(tmp_path / "c.png", 2)
-    plan = new_plan(list_images(tmp_path), 10, {})
-    dataset = ImageFiles(tmp_path, plan, [0, 1, 2], PREPROCESS)
+    plan = new_plan(LocalFolder(tmp_path).list(), 10, {})
+    dataset = ImageFiles(LocalFolder(tmp_path), plan, [0, 1, 2], PREPROCESS)
 
     batch = collate([dataset[i] for i in range(3)])
 
@@ -146,10 +148,10 @@ def test_files_that_cannot_be_read_get_their_cause(tmp_path):
 def test_a_file_deleted_between_plan_and_read_is_a_vanished_row(tmp_path):
     write_image(tmp_path / "a.png", 0)
     write_image(tmp_path / "b.png", 1)
-    plan = new_plan(list_images(tmp_path), 10, {})
+    plan = new_plan(LocalFolder(tmp_path).list(), 10, {})
     (tmp_path / "a.png").unlink()
 
-    dataset = ImageFiles(tmp_path, plan, [0, 1], PREPROCESS)
+    dataset = ImageFiles(LocalFolder(tmp_path), plan, [0, 1], PREPROCESS)
 
     assert dataset[0] == Sample(0, error="file vanished: it was listed but is no longer there")
     assert dataset[1].error is None and dataset[1].image is not None
@@ -290,11 +292,10 @@ def test_extreme_aspect_ratios_match_the_plain_transforms_closely(tmp_path):
     assert decode_file(write_image(tmp_path / "tall.png", 5, size=(3, 900)), PREPROCESS).shape == (3, 224, 224)
 
 
-def test_the_crash_hook_never_fires_outside_a_worker(tmp_path, monkeypatch):
+def test_the_crash_hook_never_fires_outside_a_worker(tmp_path):
     write_image(tmp_path / "a.png", 0)
-    monkeypatch.setenv(CRASH_ON_ENV, "a.png")
-    dataset = ImageFiles(tmp_path, new_plan(list_images(tmp_path), 10, {}), [0], PREPROCESS)
-    assert dataset[0].image.shape == (3, 224, 224)
+    dataset = ImageFiles(LocalFolder(tmp_path), new_plan(LocalFolder(tmp_path).list(), 10, {}), [0], PREPROCESS)
+    assert testhooks.crashing(dataset, frozenset({"a.png"}))[0].image.shape == (3, 224, 224)
 
 
 def test_files_left_to_the_gpu_meet_the_same_checks_and_give_the_same_errors(tmp_path):
@@ -304,10 +305,11 @@ def test_files_left_to_the_gpu_meet_the_same_checks_and_give_the_same_errors(tmp
     (tmp_path / "c-page.jpg").write_bytes(b"<!doctype html><html></html>")
     (tmp_path / "d-empty.jpg").write_bytes(b"")
     (tmp_path / "e-bomb.png").write_bytes(png_bomb(40_000, 40_000))
-    plan = new_plan(list_images(tmp_path), 10, {})
+    plan = new_plan(LocalFolder(tmp_path).list(), 10, {})
 
     def samples(gpu_jpeg, max_pixels=DEFAULT_MAX_IMAGE_PIXELS):
-        dataset = ImageFiles(tmp_path, plan, list(range(5)), PREPROCESS, gpu_jpeg=gpu_jpeg, max_pixels=max_pixels)
+        dataset = ImageFiles(LocalFolder(tmp_path), plan, list(range(5)), PREPROCESS, gpu_jpeg=gpu_jpeg,
+                             max_pixels=max_pixels)
         return [dataset[i] for i in range(5)]
 
     cpu, gpu = samples(False), samples(True)
@@ -334,7 +336,7 @@ def test_big_jpegs_decoded_at_reduced_scale_keep_the_logits(tmp_path):
     model = resnet18()
     model.load_state_dict(seeded_state_dict())
     model.eval()
-    transforms = preprocessing_transforms()
+    transforms = IMAGENET.transforms()
     mean = torch.tensor(transforms.mean).view(1, 3, 1, 1) * 255
     std = torch.tensor(transforms.std).view(1, 3, 1, 1) * 255
 
@@ -351,8 +353,8 @@ def test_a_name_that_is_not_utf8_is_an_error_row_and_never_read(tmp_path):
     with open(os.fsencode(tmp_path) + b"/caf\xe9.png", "wb") as f:
         f.write(b"\x89PNG not really")  # were it read, it would be a corrupt image
     write_image(tmp_path / "d.png", 0)
-    plan = new_plan(list_images(tmp_path), 10, {})
-    dataset = ImageFiles(tmp_path, plan, [0, 1], PREPROCESS)
+    plan = new_plan(LocalFolder(tmp_path).list(), 10, {})
+    dataset = ImageFiles(LocalFolder(tmp_path), plan, [0, 1], PREPROCESS)
 
     assert plan.paths.to_pylist() == ["caf\\xe9.png", "d.png"]
     assert dataset[0] == Sample(0, error="file name is not valid UTF-8: rename it (the path shows its bytes as \\xNN)")

@@ -9,7 +9,7 @@ import subprocess
 import pyarrow.dataset as ds
 import pytest
 
-from pipeline import durable, faults
+from pipeline import durable, testhooks
 from pipeline.durable import WriteError, durable_publish, published_name, temp_name
 from pipeline.verify import Check, verify_output
 from tests.conftest import make_corpus, run_pipeline
@@ -34,9 +34,9 @@ def test_temp_names_differ_between_hosts_as_well_as_processes(tmp_path, monkeypa
 
 @pytest.mark.parametrize("step", ["write", "fsync", "rename"])
 def test_a_failed_write_or_fsync_names_the_path_and_leaves_nothing(tmp_path, monkeypatch, step):
-    monkeypatch.setattr(faults, "_FAIL_POINT", f"shard-{step}")
-    monkeypatch.setattr(faults, "_FAIL_AT", "1")
-    monkeypatch.setattr(faults, "_reached", faults.Counter())
+    monkeypatch.setattr(testhooks, "_FAIL_POINT", f"shard-{step}")
+    monkeypatch.setattr(testhooks, "_FAIL_AT", "1")
+    monkeypatch.setattr(testhooks, "_reached", testhooks.Counter())
     target = tmp_path / "part-00000-run.parquet"
 
     with pytest.raises(WriteError) as raised:
@@ -45,13 +45,13 @@ def test_a_failed_write_or_fsync_names_the_path_and_leaves_nothing(tmp_path, mon
     assert str(target) in str(raised.value) and "Input/output error" in str(raised.value)
     assert raised.value.__cause__.errno == errno.EIO
     assert list(tmp_path.iterdir()) == [], "no temp file and no published file"
-    assert faults._reached[f"shard-{step}"] == 1, "the failed step is not retried"
+    assert testhooks._reached[f"shard-{step}"] == 1, "the failed step is not retried"
 
 
 def test_a_pause_can_be_aimed_at_one_occurrence_of_a_point(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(faults, "_PAUSE", {"shard-rename": 2, "record-write": 0})
-    monkeypatch.setattr(faults, "_PAUSE_S", 0.0)
-    monkeypatch.setattr(faults, "_reached", faults.Counter())
+    monkeypatch.setattr(testhooks, "_PAUSE", {"shard-rename": 2, "record-write": 0})
+    monkeypatch.setattr(testhooks, "_PAUSE_S", 0.0)
+    monkeypatch.setattr(testhooks, "_reached", testhooks.Counter())
 
     (tmp_path / "_shards").mkdir()
     for shard in range(3):
@@ -65,9 +65,9 @@ def test_a_pause_can_be_aimed_at_one_occurrence_of_a_point(tmp_path, monkeypatch
 
 
 def test_a_failure_after_publication_leaves_the_whole_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(faults, "_FAIL_POINT", "manifest-dir-fsync")
-    monkeypatch.setattr(faults, "_FAIL_AT", "")
-    monkeypatch.setattr(faults, "_reached", faults.Counter())
+    monkeypatch.setattr(testhooks, "_FAIL_POINT", "manifest-dir-fsync")
+    monkeypatch.setattr(testhooks, "_FAIL_AT", "")
+    monkeypatch.setattr(testhooks, "_reached", testhooks.Counter())
 
     with pytest.raises(WriteError, match="_SUCCESS"):
         durable_publish(tmp_path / "_SUCCESS", b"{}")

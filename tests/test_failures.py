@@ -9,12 +9,13 @@ import sys
 import pyarrow as pa
 import pytest
 
-from pipeline.commit import commit_shard
 from pipeline.failures import OutputError, failed_rows, first_failures, print_failures
-from pipeline.plan import Listing, new_plan, save_plan
-from pipeline.writer import encode_shard, rows, with_run_columns
-from tests.conftest import REPO
-from tests.test_writer import NAMES, _scored
+from pipeline.parquet import counts, encode_shard, rows, with_run_columns
+from pipeline.plan import new_plan
+from pipeline.runfolder import RunFolder
+from pipeline.source import Listing
+from tests.conftest import REPO, make_corpus, run_pipeline
+from tests.test_parquet import NAMES, _scored
 
 PATHS = ["a.jpg", "b/new\nline.png", "c.png", "d é.webp", "e.gif", "f.tif", "g.bmp"]
 ERRORS = [None, "empty file", None, "not an image (looks like HTML)", None, None,
@@ -23,12 +24,13 @@ ERRORS = [None, "empty file", None, "not an image (looks like HTML)", None, None
 
 def _output(out):
     plan = new_plan(Listing(PATHS, 0), 3, {})
-    save_plan(plan, out)
+    folder = RunFolder(out)
+    folder.open_plan(lambda: plan)
     for shard in range(plan.shard_count):
         indices = list(plan.shard_range(shard))
         table = rows(_scored(indices, [ERRORS[i] for i in indices]), plan.paths, pa.array(NAMES))
         table = with_run_columns(table, plan.run_id, plan.facts["created_at"])
-        commit_shard(out, plan, shard, encode_shard(table, {}), {})
+        folder.commit(plan, shard, encode_shard(table, {}), *counts(table))
     (out / ".part-00009-x.parquet.123.tmp").write_bytes(b"a leftover temporary file is never read")
     return plan
 
@@ -73,3 +75,22 @@ def test_the_job_does_not_import_the_dataset_reader_until_it_reads_failures():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.stdout.strip() == "False"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["input-is-output", "input-inside-output"])
+def test_only_the_plans_own_shards_are_read_back_whatever_else_output_holds(where, tmp_path):
+    """With INPUT inside (or equal to) OUTPUT, a finished run with error rows used to exit 1 on every rerun and in
+    `pipeline errors` (ArrowInvalid: Could not read schema from '…/000.jpg'): the images were read as output."""
+    out = tmp_path / "out"
+    images = out if where == "input-is-output" else out / "images"
+    make_corpus(images, 3)
+    (images / "broken.jpg").write_bytes(b"<!doctype html><html></html>")
+    args = ["--weights", "random", "--device", "cpu", "--workers", "0", "--max-error-rate", "1"]
+    first = run_pipeline("classify", str(images), str(out), *args)
+    assert "broken.jpg" in first.stderr  # the summary's first failed files
+    again = run_pipeline("classify", str(images), str(out), *args)
+    assert "nothing to do" in again.stderr
+    listed = run_pipeline("errors", str(out)).stdout.splitlines()
+    assert listed == ["broken.jpg\tnot an image (looks like HTML)"]
+    assert run_pipeline("verify", str(out)).returncode == 0

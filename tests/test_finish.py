@@ -1,5 +1,6 @@
 """Finishing a shared run: _SUCCESS once every shard is committed, exactly once, the same bytes whoever writes it."""
 
+import hashlib
 import json
 import os
 import subprocess
@@ -8,13 +9,13 @@ import sys
 import pyarrow as pa
 import pytest
 
-from pipeline import finish as finishing
-from pipeline.commit import MANIFEST_NAME, RECORDS_DIR, commit_shard, shard_name
-from pipeline.finish import committed, finish
-from pipeline.plan import Listing, load_plan, new_plan, save_plan
-from pipeline.writer import encode_shard, rows, with_run_columns
-from tests.conftest import REPO, run_pipeline
-from tests.test_writer import NAMES, _scored
+from pipeline.finish import finish
+from pipeline.parquet import encode_shard, rows, with_run_columns
+from pipeline.plan import new_plan
+from pipeline.runfolder import MANIFEST_NAME, RECORDS_DIR, RunFolder, shard_name
+from pipeline.source import Listing
+from tests.conftest import REPO, make_corpus, run_pipeline
+from tests.test_parquet import NAMES, _scored
 
 FACTS = {"schema_version": 2, "model": "torchvision.models.resnet18", "weights_sha256": "ab" * 32}
 
@@ -22,7 +23,7 @@ FACTS = {"schema_version": 2, "model": "torchvision.models.resnet18", "weights_s
 def _planned(out, images=7, shard_size=2):
     out.mkdir(exist_ok=True)
     plan = new_plan(Listing([f"{i}.png" for i in range(images)], 0), shard_size, {"input_dir": "/in"})
-    assert save_plan(plan, out)
+    assert RunFolder(out).open_plan(lambda: plan)[1]
     return plan
 
 
@@ -32,7 +33,7 @@ def _commit(out, plan, shard, rank=0):
     table = rows(_scored(indices, [None] * len(indices)), plan.paths, pa.array(NAMES))
     table = with_run_columns(table, plan.run_id, plan.facts["created_at"])
     metadata = {**plan.facts, **FACTS, "config": {"rank": rank}, "rank": {"rank": rank}}
-    commit_shard(out, plan, shard, encode_shard(table, metadata), {"ok": len(indices)})
+    RunFolder(out).commit(plan, shard, encode_shard(table, metadata), {"ok": len(indices)}, {})
 
 
 def test_nothing_is_published_or_touched_until_every_shard_is_committed(tmp_path):
@@ -40,10 +41,10 @@ def test_nothing_is_published_or_touched_until_every_shard_is_committed(tmp_path
     for shard in (0, 1, 3):
         _commit(tmp_path, plan, shard)
     _commit(tmp_path, plan, 2)
-    (tmp_path / RECORDS_DIR / f"{shard_name(plan, 2)}.json").unlink()  # its rank was killed before the record
+    (tmp_path / RECORDS_DIR / f"{shard_name(plan.run_id, 2)}.json").unlink()  # its rank was killed before the record
     before = sorted((p.name, p.stat().st_mtime_ns) for p in tmp_path.rglob("*"))
 
-    ended = finish(tmp_path, plan)
+    ended = finish(RunFolder(tmp_path), plan)
 
     assert (ended.published, ended.finished, ended.missing) == (False, False, [2])
     assert "1 of 4 shards are not committed yet (shards 2)" in ended.line(plan)
@@ -55,9 +56,9 @@ def test_the_manifest_is_the_same_whoever_writes_it_and_published_once(tmp_path)
     for shard in range(plan.shard_count):
         _commit(tmp_path, plan, shard, rank=shard % 2)  # two ranks, each with its own per-process metadata
 
-    first = finish(tmp_path, plan)
+    first = finish(RunFolder(tmp_path), plan)
     data = (tmp_path / MANIFEST_NAME).read_bytes()
-    second = finish(tmp_path, plan)
+    second = finish(RunFolder(tmp_path), plan)
 
     assert (first.published, first.finished) == (True, True)
     assert (second.published, second.finished) == (False, True)
@@ -66,7 +67,8 @@ def test_the_manifest_is_the_same_whoever_writes_it_and_published_once(tmp_path)
     assert manifest["rows"] == 7 and [s["shard"] for s in manifest["shards"]] == [0, 1, 2, 3]
     assert manifest["run"] == {**plan.facts, **FACTS}, "per-process facts (config, rank) stay out"
     (tmp_path / MANIFEST_NAME).unlink()  # computed again by another process from the same files: the same bytes
-    assert finish(tmp_path, load_plan(tmp_path)).published and (tmp_path / MANIFEST_NAME).read_bytes() == data
+    folder = RunFolder(tmp_path)
+    assert finish(folder, folder.load_plan()).published and (tmp_path / MANIFEST_NAME).read_bytes() == data
 
 
 def test_a_manifest_another_process_publishes_during_the_check_is_not_published_again(tmp_path, monkeypatch):
@@ -75,14 +77,16 @@ def test_a_manifest_another_process_publishes_during_the_check_is_not_published_
         _commit(tmp_path, plan, shard)
     others = []
 
-    def committed_while_another_process_finishes(run_dir, plan):
+    committed = RunFolder.committed
+
+    def committed_while_another_process_finishes(folder, plan, shards=None):
         if not others:  # the other process checks and publishes while this one reads the records
             others.append(None)
-            others[0] = finish(run_dir, plan)
-        return committed(run_dir, plan)
+            others[0] = finish(RunFolder(folder.path), plan)
+        return committed(folder, plan, shards)
 
-    monkeypatch.setattr(finishing, "committed", committed_while_another_process_finishes)
-    mine = finish(tmp_path, plan)
+    monkeypatch.setattr(RunFolder, "committed", committed_while_another_process_finishes)
+    mine = finish(RunFolder(tmp_path), plan)
 
     assert others[0].published and (mine.published, mine.finished) == (False, True)
 
@@ -93,7 +97,7 @@ def test_an_unreadable_manifest_is_rewritten(tmp_path):
         _commit(tmp_path, plan, shard)
     (tmp_path / MANIFEST_NAME).write_bytes(b'{"rows": 3, "sh')  # a torn copy made by hand
 
-    assert finish(tmp_path, plan).published
+    assert finish(RunFolder(tmp_path), plan).published
     assert json.loads((tmp_path / MANIFEST_NAME).read_bytes())["rows"] == 3
 
 
@@ -103,9 +107,9 @@ RACER = """
 import sys, time
 from pathlib import Path
 from pipeline.finish import finish
-from pipeline.plan import load_plan
-out, go, delay = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3])
-plan = load_plan(out)
+from pipeline.runfolder import RunFolder
+out, go, delay = RunFolder(Path(sys.argv[1])), Path(sys.argv[2]), float(sys.argv[3])
+plan = out.load_plan()
 print("ready", flush=True)
 while not go.exists():
     time.sleep(0.0005)
@@ -141,10 +145,10 @@ def test_ranks_finishing_at_the_same_instant_publish_the_manifest_exactly_once(t
 def test_committed_lists_what_is_missing_without_repairing(tmp_path):
     plan = _planned(tmp_path, images=4)
     _commit(tmp_path, plan, 1)
-    shard = tmp_path / shard_name(plan, 1)
+    shard = tmp_path / shard_name(plan.run_id, 1)
     shard.write_bytes(shard.read_bytes() + b"x")  # its size no longer matches its record
 
-    records, missing = committed(tmp_path, plan)
+    records, missing = RunFolder(tmp_path).committed(plan)
 
     assert records == {} and missing == [0, 1]
     assert shard.exists(), "only the shard's own rank may remove it"
@@ -166,6 +170,44 @@ def test_finalize_command_names_missing_shards_then_publishes(tmp_path):
 
     assert unfinished.returncode == 10 and "2 of 4 shards are not committed yet (shards 1, 3)" in unfinished.stderr
     assert done.returncode == 0 and f"published {MANIFEST_NAME}" in done.stderr
-    assert again.returncode == 0 and "published by another process" in again.stderr
+    assert again.returncode == 0 and "was published before, or by another process" in again.stderr
     assert (tmp_path / "out" / MANIFEST_NAME).read_bytes() == manifest
     assert no_plan.returncode == 2 and "no _plan.arrow" in no_plan.stderr
+
+
+@pytest.mark.slow
+def test_a_shard_redone_after_damage_gets_a_manifest_that_lists_its_new_bytes(tmp_path):
+    """A batch size that does not divide the shard size groups a redone shard's images into other batches, so its
+    CPU logits, and its bytes, differ slightly. _SUCCESS used to keep the old sha256, and verify failed for good."""
+    make_corpus(tmp_path / "in", 7)
+    out = tmp_path / "out"
+    args = ["--weights", "random", "--device", "cpu", "--workers", "0", "--batch-size", "3", "--shard-size", "4"]
+    run_pipeline("classify", str(tmp_path / "in"), str(out), *args)
+    shard = sorted(out.glob("part-*.parquet"))[1]
+    shard.write_bytes(shard.read_bytes()[:500])
+
+    run_pipeline("classify", str(tmp_path / "in"), str(out), *args)
+
+    listed = {entry["shard"]: entry for entry in json.loads((out / "_SUCCESS").read_bytes())["shards"]}
+    assert listed[1]["sha256"] == hashlib.sha256(shard.read_bytes()).hexdigest()
+    assert run_pipeline("verify", str(out)).returncode == 0
+    assert run_pipeline("finalize", str(out)).returncode == 0
+
+
+@pytest.mark.slow
+def test_a_stale_manifest_is_published_again_by_the_next_run_and_by_finalize(tmp_path):
+    """A _SUCCESS that lists other bytes than the committed shards (left by an older version after a repair) is
+    replaced when a run or `finalize` finds every shard committed, instead of being kept."""
+    make_corpus(tmp_path / "in", 4)
+    out = tmp_path / "out"
+    args = ["--weights", "random", "--device", "cpu", "--workers", "0", "--shard-size", "2"]
+    run_pipeline("classify", str(tmp_path / "in"), str(out), *args)
+    good = (out / "_SUCCESS").read_bytes()
+    stale = json.loads(good)
+    stale["shards"][0]["sha256"] = "0" * 64
+    for command in (["classify", str(tmp_path / "in"), str(out), *args], ["finalize", str(out)]):
+        (out / "_SUCCESS").write_text(json.dumps(stale))
+        assert run_pipeline("verify", str(out), check=False).returncode == 16
+        run_pipeline(*command)
+        assert (out / "_SUCCESS").read_bytes() == good
+        assert run_pipeline("verify", str(out)).returncode == 0

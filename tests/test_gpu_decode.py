@@ -11,17 +11,18 @@ from torchvision.transforms.functional import _compute_resized_output_size
 from pipeline.decode import ImageFiles, Preprocess, Sample, collate, decode_file, gpu_decodable
 from pipeline.gpu_decode import GpuDecoder
 from pipeline.infer import Classifier, default_allocator_settings
-from pipeline.model import build_model, preprocessing_transforms, resolve_weights
-from pipeline.plan import list_images, new_plan
+from pipeline.model import IMAGENET, load
+from pipeline.plan import new_plan
+from pipeline.source import LocalFolder
 from tests.conftest import make_corpus, run_pipeline, write_image
 
-TRANSFORMS = preprocessing_transforms()
+TRANSFORMS = IMAGENET.transforms()
 PREPROCESS = Preprocess.from_transforms(TRANSFORMS)
 
 
 def _batch(folder, gpu_jpeg):
-    plan = new_plan(list_images(folder), 100, {})
-    dataset = ImageFiles(folder, plan, list(range(len(plan.paths))), PREPROCESS, gpu_jpeg=gpu_jpeg)
+    plan = new_plan(LocalFolder(folder).list(), 100, {})
+    dataset = ImageFiles(LocalFolder(folder), plan, list(range(len(plan.paths))), PREPROCESS, gpu_jpeg=gpu_jpeg)
     return plan, collate([dataset[i] for i in range(len(dataset))])
 
 
@@ -68,10 +69,12 @@ def test_gpu_path_images_agree_with_pillow_and_bad_files_fail_alone(tmp_path):
 def test_gpu_path_logits_match_the_cpu_fp32_path(tmp_path, weights_file):
     for i in range(6):
         write_image(tmp_path / f"{i}.jpg", 10 + i, size=(320 + 29 * i, 240), quality=92)
-    model = build_model(resolve_weights(str(weights_file), seed=0))
-    reference = Classifier(model, torch.device("cpu"), TRANSFORMS.mean, TRANSFORMS.std, topk=5)
+    loaded = load(str(weights_file), seed=0, labels=None)
+    model, classes = loaded.net, loaded.classes
+    reference = Classifier(model, torch.device("cpu"), TRANSFORMS.mean, TRANSFORMS.std, topk=5, classes=classes)
     gpu_path = Classifier(model, torch.device("cpu"), TRANSFORMS.mean, TRANSFORMS.std, topk=5,
-                          decoder=GpuDecoder(torch.device("cpu"), PREPROCESS, batch_size=8, dtype=torch.float32))
+                          decoder=GpuDecoder(torch.device("cpu"), PREPROCESS, batch_size=8, dtype=torch.float32),
+                          classes=classes)
 
     expected = next(reference.score([_batch(tmp_path, gpu_jpeg=False)[1]])).logits
     got = next(gpu_path.score([_batch(tmp_path, gpu_jpeg=True)[1]])).logits

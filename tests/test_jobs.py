@@ -12,8 +12,7 @@ from pathlib import Path
 import pyarrow.dataset as ds
 import pytest
 
-from pipeline.commit import MANIFEST_NAME
-from pipeline.plan import load_plan
+from pipeline.runfolder import MANIFEST_NAME, RunFolder
 from tests.conftest import REPO, make_corpus
 
 pytest_plugins = ["tests.slurm_cluster"]  # the session fixture slurm_cluster
@@ -34,7 +33,7 @@ def paths_of(out: Path) -> list[str]:
 def assert_exactly_once(out: Path, expected: list[str]) -> None:
     assert paths_of(out) == sorted(expected), "every image exactly once"
     run_ids = ds.dataset(str(out), format="parquet").to_table(columns=["run_id"])["run_id"].unique().to_pylist()
-    assert run_ids == [load_plan(out).run_id]
+    assert run_ids == [RunFolder(out).load_plan().run_id]
     assert f'"rows": {len(expected)},' in (out / MANIFEST_NAME).read_text()
 
 

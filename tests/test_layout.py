@@ -5,12 +5,12 @@ from pathlib import Path
 import pytest
 
 from pipeline import runner
-from pipeline.commit import MANIFEST_NAME
 from pipeline.config import Config
 from pipeline.layout import LayoutError, check_layout, parse_partitions
-from pipeline.model import resolve_weights
-from pipeline.plan import Listing, load_facts, new_plan, save_plan
-from pipeline.writer import SCHEMA_VERSION
+from pipeline.plan import new_plan
+from pipeline.prepare import prepare
+from pipeline.runfolder import MANIFEST_NAME, RunFolder
+from pipeline.source import Listing, LocalFolder
 from tests.conftest import make_corpus, run_pipeline
 
 
@@ -71,13 +71,12 @@ def test_one_output_holds_one_layout(tmp_path):
 
 def _save_run(folder, input_dir, finished):
     """A plan as the runner would have saved it for `--weights random` on input_dir."""
-    identity = {"input_dir": str(input_dir.resolve()), **resolve_weights("random", 0).facts(),
-                "schema_version": SCHEMA_VERSION, "logits": "float32"}
+    identity = prepare(Config(input_dir, folder, weights="random", workers=0), LocalFolder(input_dir)).identity
     folder.mkdir(parents=True)
-    save_plan(new_plan(Listing(["a.png"], 0), 10, identity), folder)
+    RunFolder(folder).open_plan(lambda: new_plan(Listing(["a.png"], 0), 10, identity))
     if finished:
         (folder / MANIFEST_NAME).write_text("{}")
-    return load_facts(folder)["run_id"]
+    return RunFolder(folder).load_facts()["run_id"]
 
 
 def test_an_unfinished_run_of_the_same_input_in_another_partition_is_not_started_twice(tmp_path):
@@ -88,7 +87,7 @@ def test_an_unfinished_run_of_the_same_input_in_another_partition_is_not_started
     _save_run(out / "run_date=2024-04-29", tmp_path, finished=False)  # so is another input
 
     config = Config(tmp_path / "in", out, weights="random", workers=0, partition=(("run_date", "2024-05-02"),))
-    with pytest.raises(LayoutError, match=rf"unfinished run of the same input and weights \(run id {run_id}\): "
+    with pytest.raises(LayoutError, match=rf"unfinished run of the same input and model \(run id {run_id}\): "
                                           r"resume it with --partition run_date=2024-05-01"):
         runner.run(config)
     assert not (out / "run_date=2024-05-02" / "_plan.arrow").exists()

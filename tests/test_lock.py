@@ -7,51 +7,59 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pyarrow.dataset as ds
 import pytest
 
-from pipeline.lock import Locked, acquire, lock_path
+from pipeline.lock import Locked, acquire, held
+from pipeline.runfolder import RunFolder
 from tests.conftest import REPO, make_corpus, run_pipeline
 
 
+def _output_lock(folder):
+    return RunFolder(folder).lock_file("output")
+
+
 def test_a_second_holder_is_refused_with_the_first_ones_details(tmp_path):
-    with acquire(tmp_path) as path:
-        assert path == lock_path(tmp_path, "output") and path.parent.name.startswith("_")
+    with acquire(_output_lock(tmp_path)) as path:
+        assert path == _output_lock(tmp_path) and path.parent.name.startswith("_")
         holder = json.loads(path.read_text())
         assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
         with pytest.raises(Locked) as refused:
-            with acquire(tmp_path):
+            with acquire(_output_lock(tmp_path)):
                 pass
     message = str(refused.value)
     assert f"pid {os.getpid()} on host {socket.gethostname()}, started {holder['started']}" in message
-    with acquire(tmp_path):  # released on exit
+    with acquire(_output_lock(tmp_path)):  # released on exit
         pass
 
 
 def test_shared_holders_exclude_an_exclusive_one_but_not_each_other(tmp_path):
-    with acquire(tmp_path, shared=True), acquire(tmp_path, shared=True):
+    with acquire(_output_lock(tmp_path), shared=True), acquire(_output_lock(tmp_path), shared=True):
         with pytest.raises(Locked, match="holds the lock shared"):
-            with acquire(tmp_path):
+            with acquire(_output_lock(tmp_path)):
                 pass
-        with acquire(tmp_path, "rank-00001"):  # a rank's own lock is another file
+        with acquire(RunFolder(tmp_path).lock_file("rank-00001")):  # a rank's own lock is another file
             pass
 
 
 def test_a_lock_left_by_a_killed_process_does_not_block(tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pathlib import Path; from pipeline.lock import acquire\n"
-                               "with acquire(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(60)",
+                               "from pipeline.runfolder import RunFolder\n"
+                               "with acquire(RunFolder(Path(sys.argv[1])).lock_file('output')):\n"
+                               "    print('held', flush=True); time.sleep(60)",
          str(tmp_path)], env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline() == "held\n"
     with pytest.raises(Locked, match=f"pid {holder.pid} "):
-        with acquire(tmp_path):
+        with acquire(_output_lock(tmp_path)):
             pass
 
     holder.send_signal(signal.SIGKILL)
     holder.wait()
 
-    with acquire(tmp_path) as path:  # the kernel released the dead holder's lock
+    with acquire(_output_lock(tmp_path)) as path:  # the kernel released the dead holder's lock
         assert json.loads(path.read_text())["pid"] == os.getpid()
 
 
@@ -80,3 +88,46 @@ def test_a_concurrent_run_on_the_same_output_fails_fast_and_the_first_finishes(t
     assert first.wait(timeout=120) == 0, log.read_text()
     assert sorted(ds.dataset(str(tmp_path / "out")).to_table().column("path").to_pylist()) == \
         sorted(p.relative_to(tmp_path / "in").as_posix() for p in (tmp_path / "in").rglob("*.*"))
+
+
+def _group_alive(pgid: int) -> list[int]:
+    """The pids of the live (not zombie) processes of a process group."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            alive.append(int(stat.parent.name))
+    return alive
+
+
+@pytest.mark.slow
+def test_decode_workers_do_not_keep_the_lock_of_a_killed_run(tmp_path):
+    """Workers forked by the DataLoader inherited the lock's descriptor, so after a kill -9 of the main process its
+    orphaned workers held the flock on (seconds, over a minute in a slow decode) and a prompt restart exited 73."""
+    make_corpus(tmp_path / "in", 40)
+    out = tmp_path / "out"
+    log = (tmp_path / "log").open("w")
+    run = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "classify", str(tmp_path / "in"), str(out), "--weights", "random",
+         "--device", "cpu", "--workers", "2", "--batch-size", "2", "--shard-size", "4"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "PYTHONPATH": str(REPO), "PIPELINE_TEST_PAUSE": "shard-write",
+             "PIPELINE_TEST_PAUSE_S": "60"})
+    try:
+        deadline = time.monotonic() + 120
+        while "test pause at shard-write" not in (tmp_path / "log").read_text():
+            assert run.poll() is None and time.monotonic() < deadline, (tmp_path / "log").read_text()
+            time.sleep(0.1)
+        workers = [pid for pid in _group_alive(run.pid) if pid != run.pid]
+        assert workers, "the decode workers should be alive while the main process pauses"
+        os.kill(run.pid, signal.SIGKILL)
+        run.wait()
+        assert [pid for pid in _group_alive(run.pid) if pid in workers], "orphaned workers should still be alive"
+        assert not held(RunFolder(out).existing_lock_file("output"))
+    finally:
+        for pid in _group_alive(run.pid):
+            os.kill(pid, signal.SIGKILL)
+        log.close()

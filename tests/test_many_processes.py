@@ -10,8 +10,7 @@ from pathlib import Path
 import pyarrow.dataset as ds
 import pytest
 
-from pipeline.commit import MANIFEST_NAME
-from pipeline.plan import load_plan
+from pipeline.runfolder import MANIFEST_NAME, RunFolder
 from tests.conftest import REPO, make_corpus, run_pipeline
 
 # Batches of 2 in shards of 2: every batch is one shard, so a rank's batches are the single run's and every
@@ -47,7 +46,7 @@ def assert_exactly_once_as_single(out: Path, single: dict) -> None:
     rows = read_rows(out)
     assert rows["path"] == single["path"], "every image exactly once"
     assert {column: rows[column] for column in COLUMNS} == {column: single[column] for column in COLUMNS}
-    assert set(rows["run_id"]) == {load_plan(out).run_id}, "one plan for every rank"
+    assert set(rows["run_id"]) == {RunFolder(out).load_plan().run_id}, "one plan for every rank"
     manifest = (out / MANIFEST_NAME).read_text()
     assert f'"rows": {len(single["path"])},' in manifest and '"error": 1' in manifest
 

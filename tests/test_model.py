@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pipeline.model import WeightsError, build_model, class_names, resolve_weights
+from pipeline.model import WeightsError, load, resolve_weights
 from tests.conftest import run_pipeline, seeded_state_dict, write_image
 
 
@@ -13,7 +13,7 @@ def test_a_file_loads_as_plain_state_dict_or_checkpoint(tmp_path, wrap):
     path = tmp_path / "w.pt"
     torch.save(state if wrap is None else {wrap: state, "epoch": 7}, path)
 
-    model = build_model(resolve_weights(str(path), seed=0))
+    model = load(str(path), seed=0, labels=None).net
 
     assert not model.training
     assert torch.equal(model.fc.weight, state["fc.weight"])
@@ -23,28 +23,28 @@ def test_a_file_loads_as_plain_state_dict_or_checkpoint(tmp_path, wrap):
 def test_class_count_comes_from_fc_and_labels_must_match(tmp_path):
     path = tmp_path / "w.pt"
     torch.save(seeded_state_dict(num_classes=3), path)
-    model = build_model(resolve_weights(str(path), seed=0))
-    assert model.fc.out_features == 3
-
     labels = tmp_path / "labels.txt"
     labels.write_text("cat\ndog\n\nbird\n")
-    assert class_names(3, labels) == ["cat", "dog", "bird"]
+    model = load(str(path), seed=0, labels=labels)
+    assert model.net.fc.out_features == 3 and model.classes == 3
+
+    assert model.names == ["cat", "dog", "bird"]
     with pytest.raises(WeightsError, match="model has 3 classes: pass --labels"):
-        class_names(3, None)
+        load(str(path), seed=0, labels=None)
     labels.write_text("cat\ndog\n")
     with pytest.raises(WeightsError, match="2 names but the model has 3 classes"):
-        class_names(3, labels)
+        load(str(path), seed=0, labels=labels)
 
 
 def test_imagenet_names_are_the_weights_categories():
-    names = class_names(1000, None)
+    names = load("random", seed=0, labels=None).names
     assert names[0] == "tench" and len(names) == 1000
 
 
 def test_random_weights_are_seeded():
-    a = build_model(resolve_weights("random", seed=5))
-    b = build_model(resolve_weights("random", seed=5))
-    c = build_model(resolve_weights("random", seed=6))
+    a = load("random", seed=5, labels=None).net
+    b = load("random", seed=5, labels=None).net
+    c = load("random", seed=6, labels=None).net
     assert torch.equal(a.conv1.weight, b.conv1.weight)
     assert not torch.equal(a.conv1.weight, c.conv1.weight)
 
@@ -54,10 +54,10 @@ def test_bad_weight_files_are_refused_with_the_fix(tmp_path):
         resolve_weights(str(tmp_path / "missing.pt"), seed=0)
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(WeightsError, match="cannot be read"):
-        build_model(resolve_weights(str(tmp_path / "junk.pt"), seed=0))
+        load(str(tmp_path / "junk.pt"), seed=0, labels=None)
     torch.save({"something": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(WeightsError, match="no ResNet18 state_dict"):
-        build_model(resolve_weights(str(tmp_path / "other.pt"), seed=0))
+        load(str(tmp_path / "other.pt"), seed=0, labels=None)
 
 
 def test_imagenet_offline_without_cache_exits_with_what_to_do(tmp_path):

@@ -4,6 +4,7 @@ import pytest
 
 from pipeline.lock import Locked
 from pipeline.ranks import Rank, RankError, detect, hold
+from pipeline.runfolder import RunFolder
 
 # What Slurm 22 set in the batch step and in an srun step of `sbatch --array=1-5:2 --ntasks=2` (array task 3),
 # captured on this project's one-node test cluster.
@@ -72,7 +73,7 @@ def test_each_local_rank_gets_its_own_gpu_and_makes_it_current(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.setattr(torch.cuda, "set_device", current.append)
 
-    devices = [pick_device("auto", local_rank) for local_rank in range(6)]
+    devices = [pick_device("cuda", local_rank) for local_rank in range(6)]
 
     assert devices == [torch.device("cuda", i) for i in (0, 1, 2, 3, 0, 1)] == current
     assert pick_device("cpu", 3) == torch.device("cpu") and len(current) == 6
@@ -83,21 +84,22 @@ def rank(r: int, world_size: int) -> Rank:
 
 
 def test_a_rank_writes_alone_and_never_beside_another_world_size(tmp_path):
-    with hold(tmp_path, rank(0, 2)), hold(tmp_path, rank(1, 2)):  # the ranks of one world write side by side
+    folder = RunFolder(tmp_path)
+    with hold(folder, rank(0, 2)), hold(folder, rank(1, 2)):  # the ranks of one world write side by side
         with pytest.raises(Locked, match="pid"):
-            with hold(tmp_path, rank(1, 2)):  # rank 1 started twice
+            with hold(folder, rank(1, 2)):  # rank 1 started twice
                 pass
         with pytest.raises(Locked, match="world size 2, not 3.*--world-size 2 --rank R"):
-            with hold(tmp_path, rank(2, 3)):  # it would share the shards out differently
+            with hold(folder, rank(2, 3)):  # it would share the shards out differently
                 pass
         with pytest.raises(Locked):
-            with hold(tmp_path, rank(0, 1)):  # a single process: it would do every shard
+            with hold(folder, rank(0, 1)):  # a single process: it would do every shard
                 pass
-    with hold(tmp_path, rank(2, 3)):  # once they have ended, the run may go on with another world size
+    with hold(folder, rank(2, 3)):  # once they have ended, the run may go on with another world size
         with pytest.raises(Locked, match="world size 3, not 2"):
-            with hold(tmp_path, rank(0, 2)):
+            with hold(folder, rank(0, 2)):
                 pass
-    with hold(tmp_path, rank(0, 1)):
+    with hold(folder, rank(0, 1)):
         with pytest.raises(Locked):
-            with hold(tmp_path, rank(0, 2)):
+            with hold(folder, rank(0, 2)):
                 pass

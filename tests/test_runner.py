@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.model import preprocessing_transforms
+from pipeline.model import IMAGENET
 from tests.conftest import REPO, make_corpus, run_pipeline, seeded_state_dict
 
 
@@ -31,7 +31,7 @@ def reference_logits(root, relative_paths):
     model = resnet18()
     model.load_state_dict(seeded_state_dict())
     model.eval()
-    transforms = preprocessing_transforms()
+    transforms = IMAGENET.transforms()
     out = []
     with torch.inference_mode():
         for relative in relative_paths:
@@ -97,7 +97,7 @@ def test_resuming_with_other_input_or_weights_is_refused(tmp_path, weights_file)
 
     assert other_input.returncode == 2 and "was started with input_dir=" in other_input.stderr
     assert other_weights.returncode == 2 and "was started with weights=" in other_weights.stderr
-    assert "write to a new OUTPUT folder" in other_weights.stderr
+    assert "or write to a new OUTPUT" in other_weights.stderr
 
 
 @pytest.mark.slow
@@ -129,11 +129,12 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_rows(tmp_path):
 def test_resuming_with_other_logits_is_refused_before_any_work(tmp_path):
     from pipeline import runner
     from pipeline.config import Config
+    from pipeline.prepare import PlanMismatch
     from tests.test_layout import _save_run
 
     make_corpus(tmp_path / "in", 1)
     _save_run(tmp_path / "out", tmp_path / "in", finished=False)  # a float32 run of the same input and weights
 
-    with pytest.raises(runner.PlanMismatch, match="was started with logits='float32', not 'float16'"):
+    with pytest.raises(PlanMismatch, match="was started with logits='float32', not 'float16'"):
         runner.run(Config(tmp_path / "in", tmp_path / "out", weights="random", workers=0, logits="float16"))
     assert not list((tmp_path / "out").glob("part-*"))

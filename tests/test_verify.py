@@ -7,22 +7,25 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.commit import MANIFEST_NAME, committed_records, shard_name, write_manifest
 from pipeline.durable import temp_name
-from pipeline.plan import Listing, new_plan, save_plan
+from pipeline.finish import manifest
+from pipeline.parquet import encode_shard, rows, with_run_columns
+from pipeline.plan import new_plan
+from pipeline.runfolder import MANIFEST_NAME, RunFolder, shard_name
+from pipeline.source import Listing
 from pipeline.verify import Check, verify_output
-from pipeline.writer import encode_shard, rows, with_run_columns
 from tests.conftest import make_corpus, run_pipeline
-from tests.test_commit import _commit_all
-from tests.test_writer import NAMES, _scored
+from tests.test_parquet import NAMES, _scored
+from tests.test_runfolder import _commit_all
 
 
 def finished_output(out, images=7, shard_size=3):
     out.mkdir()
     plan = new_plan(Listing([f"d/{i:02d}.png" for i in range(images)], 0), shard_size, {"input_dir": "in"})
-    save_plan(plan, out)
+    folder = RunFolder(out)
+    folder.open_plan(lambda: plan)
     _commit_all(out, plan)
-    write_manifest(out, plan, committed_records(out, plan, list(range(plan.shard_count))), {})
+    folder.publish_manifest(manifest(plan, folder.repair(plan, list(range(plan.shard_count))), {}), replace=True)
     return plan
 
 
@@ -41,10 +44,10 @@ def test_a_whole_finished_output_passes(tmp_path):
 def test_an_unfinished_output_reports_progress_and_no_damage(tmp_path):
     plan = finished_output(tmp_path / "out")
     (tmp_path / "out" / MANIFEST_NAME).unlink()
-    (tmp_path / "out" / shard_name(plan, 2)).unlink()
-    (tmp_path / "out" / "_shards" / f"{shard_name(plan, 2)}.json").unlink()
-    (tmp_path / "out" / "_shards" / f"{shard_name(plan, 1)}.json").unlink()  # killed between shard and record
-    temp_name(tmp_path / "out" / shard_name(plan, 2)).write_bytes(b"half a shard")
+    (tmp_path / "out" / shard_name(plan.run_id, 2)).unlink()
+    (tmp_path / "out" / "_shards" / f"{shard_name(plan.run_id, 2)}.json").unlink()
+    (tmp_path / "out" / "_shards" / f"{shard_name(plan.run_id, 1)}.json").unlink()  # killed between shard and record
+    temp_name(tmp_path / "out" / shard_name(plan.run_id, 2)).write_bytes(b"half a shard")
 
     report = verify_output(tmp_path / "out")
 
@@ -56,11 +59,11 @@ def test_an_unfinished_output_reports_progress_and_no_damage(tmp_path):
 
 
 def damage_missing(out, plan):
-    (out / shard_name(plan, 1)).unlink()
+    (out / shard_name(plan.run_id, 1)).unlink()
 
 
 def damage_truncated(out, plan):
-    path = out / shard_name(plan, 1)
+    path = out / shard_name(plan.run_id, 1)
     path.write_bytes(path.read_bytes()[:-200])
 
 
@@ -70,21 +73,21 @@ def shard_bytes(plan, shard, run_facts):
 
 
 def damage_other_rows(out, plan):  # a valid shard holding shard 0's rows under shard 1's name
-    (out / shard_name(plan, 1)).write_bytes(shard_bytes(plan, 0, {}))
+    (out / shard_name(plan.run_id, 1)).write_bytes(shard_bytes(plan, 0, {}))
 
 
 def damage_checksum(out, plan):  # the right rows, other values: only the sha256 can tell
-    (out / shard_name(plan, 1)).write_bytes(shard_bytes(plan, 1, {"another": "run"}))
+    (out / shard_name(plan.run_id, 1)).write_bytes(shard_bytes(plan, 1, {"another": "run"}))
 
 
 def damage_extra_file(out, plan):
-    shutil.copy(out / shard_name(plan, 1), out / "part-00001-0123456789ab.parquet")
+    shutil.copy(out / shard_name(plan.run_id, 1), out / "part-00001-0123456789ab.parquet")
 
 
 def damage_listed_twice(out, plan):
-    manifest = json.loads((out / MANIFEST_NAME).read_text())
-    manifest["shards"].append(manifest["shards"][0])
-    (out / MANIFEST_NAME).write_text(json.dumps(manifest))
+    published = json.loads((out / MANIFEST_NAME).read_text())
+    published["shards"].append(published["shards"][0])
+    (out / MANIFEST_NAME).write_text(json.dumps(published))
 
 
 def damage_manifest(out, plan):
@@ -129,7 +132,7 @@ def test_the_command_prints_the_report_and_exits_with_the_check(tmp_path):
     result = run_pipeline("verify", str(tmp_path / "out"), check=False)
 
     assert result.returncode == Check.UNREADABLE
-    assert f"problem (unreadable): {shard_name(plan, 1)} does not open as Parquet" in result.stdout
+    assert f"problem (unreadable): {shard_name(plan.run_id, 1)} does not open as Parquet" in result.stdout
     assert run_pipeline("verify", str(tmp_path / "nowhere"), check=False).returncode == 2
 
 

@@ -17,7 +17,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.writer import ROW_FIELDS, SCHEMA
+from pipeline.parquet import ROW_FIELDS, SCHEMA
 from tests.conftest import REPO, make_corpus, run_pipeline
 
 duckdb = pytest.importorskip("duckdb")
