@@ -85,17 +85,22 @@ def run() -> None:
 
 @click.group()
 def main() -> None:
-    """Classify folders of images with ResNet18 into resumable Parquet shards."""
+    """Classify folders of images with a torchvision classifier into resumable Parquet shards."""
 
 
 @main.command()
 @click.argument("input_dir", metavar="INPUT", type=click.Path(path_type=Path))
 @click.argument("output_dir", metavar="OUTPUT", type=click.Path(path_type=Path))
+@click.option("--model", default="resnet18", show_default=True,
+              help="Any image classifier of torchvision's registry (torchvision.models.list_models()), e.g. "
+                   "resnet50, efficientnet_b0, convnext_tiny, vit_b_16, swin_t.")
 @click.option("--weights", default="imagenet", show_default=True,
-              help="'imagenet' (torchvision's weights, from its cache under TORCH_HOME), 'random' "
-                   "(seeded, for smoke tests and benchmarks) or the path of a state_dict/checkpoint file.")
+              help="'imagenet' or 'DEFAULT' (the model's default weights, from torchvision's cache under "
+                   "TORCH_HOME), a weights name of the model (e.g. IMAGENET1K_V2), 'random' (seeded, for smoke tests "
+                   "and benchmarks) or the path of a state_dict/checkpoint file of that model.")
 @click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Class names, one per line; required when the weights do not have 1000 classes.")
+              help="Class names, one per line; required when the weights' class count differs from the model's "
+                   "default weights (a fine-tuned checkpoint), which otherwise name the classes.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where the model runs; auto picks cuda when a GPU is visible.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
@@ -125,6 +130,9 @@ def main() -> None:
 @click.option("--max-image-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_IMAGE_PIXELS, show_default=True,
               help="Larger images are refused from their header (an error row 'decompression bomb'); "
                    "the default is where Pillow itself refuses (2 x PIL.Image.MAX_IMAGE_PIXELS).")
+@click.option("--jpeg-draft", is_flag=True,
+              help="On the CPU path, decode large JPEGs at reduced scale (Pillow's draft): faster, but the pixels "
+                   "are no longer exactly the weights' own transforms (docs/benchmarks.md).")
 @click.option("--max-error-rate", type=click.FloatRange(0, 1), default=DEFAULT_MAX_ERROR_RATE, show_default=True,
               help=f"Largest share of error rows that still exits 0; above it every row is still committed but "
                    f"the exit code is {Exit.TOO_MANY_ERRORS.value}.")
@@ -147,20 +155,13 @@ def classify(input_dir: Path, output_dir: Path, verbose: bool, **options) -> Non
     from pipeline.stop import Interrupted
 
     config = Config(input_dir=input_dir, output_dir=output_dir, **options)
+    exits = {Refused: Exit.USAGE, Locked: Exit.LOCKED, WriteError: Exit.WRITE_FAILED, Interrupted: Exit.INTERRUPTED}
     try:
         summary = runner.run(config)
-    except Refused as error:
-        _logger.error("%s", error)
-        sys.exit(Exit.USAGE)
-    except Locked as error:
-        _logger.error("%s", error)
-        sys.exit(Exit.LOCKED)
-    except WriteError as error:
-        _logger.error("%s", error)
-        sys.exit(Exit.WRITE_FAILED)
-    except Interrupted as error:
-        _logger.warning("%s", error)
-        sys.exit(Exit.INTERRUPTED)
+    except tuple(exits) as error:
+        code = next(code for kind, code in exits.items() if isinstance(error, kind))
+        _logger.log(logging.WARNING if code == Exit.INTERRUPTED else logging.ERROR, "%s", error)
+        sys.exit(code)
     _logger.info("done: %s", summary.line())
     for line in summary.error_lines():
         _logger.warning("%s", line)

@@ -32,7 +32,9 @@ def _option(default=dataclasses.MISSING, *, identity: bool, **more):
 class Config:
     input_dir: Path = _option(identity=True)  # folder of images, listed recursively
     output_dir: Path = _option(identity=False)  # folder of Parquet shards, plan and manifest (where, not what)
-    weights: str = _option("imagenet", identity=True)  # 'imagenet' (torchvision cache), 'random' (seeded) or a file
+    model: str = _option("resnet18", identity=True)  # an image classifier of torchvision's registry
+    weights: str = _option("imagenet", identity=True)  # 'imagenet' or 'DEFAULT' (the model's default weights, from
+    #   torchvision's cache), a weights name ('IMAGENET1K_V2'), 'random' (seeded) or a file
     labels: Path | None = _option(None, identity=True)  # one class name per line; needed when the model has != 1000
     #   classes
     device: str = _option("auto", identity=False)  # 'auto' (cuda when available), 'cpu' or 'cuda'; what it
@@ -53,6 +55,8 @@ class Config:
     #   run lives in OUTPUT/key=value/... (where, not what); checked by pipeline.layout.parse_partition
     logits: str = _option("float32", identity=True)  # 'float32', 'float16' (rounded to half precision) or 'none'
     max_image_pixels: int = _option(DEFAULT_MAX_IMAGE_PIXELS, identity=True)  # larger images are error rows
+    jpeg_draft: bool = _option(False, identity=True)  # CPU path: decode big JPEGs at reduced scale (Pillow's draft),
+    #   faster but no longer the weights' own transforms pixel for pixel (docs/benchmarks.md)
     max_error_rate: float = _option(DEFAULT_MAX_ERROR_RATE, identity=False)  # a higher share of error rows: every
     #   row is committed, but the process exits 3 (TOO_MANY_ERRORS) so that cron and Slurm raise an alert
     rank: int | None = _option(None, identity=False)  # --rank: this process's share of the plan is the shards k with

@@ -26,7 +26,7 @@ from pipeline.source import LocalFolder
 
 _logger = logging.getLogger(__name__)
 
-GPU_MAX_PIXELS = 24_000_000  # larger JPEGs are cheaper in Pillow's reduced-scale (draft) decode
+GPU_MAX_PIXELS = 24_000_000  # larger JPEGs go to Pillow in the workers (nvJPEG's memory and time per image)
 ORIENTATION_TAG = 0x0112  # EXIF orientation; nvJPEG ignores it, so rotated files go to Pillow
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited onto white before classification
 MAX_ASPECT = 16  # a longer side beyond 16x the shorter is cut to its centre first: the crop never sees it
@@ -53,10 +53,11 @@ class Preprocess:
 
 
 def decode_stream(file: BinaryIO, preprocess: Preprocess, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-                  draft: bool = True) -> torch.Tensor:
+                  draft: bool = False) -> torch.Tensor:
     """One encoded image as a uint8 CHW tensor (EXIF orientation, RGB, resize, center crop), or Unusable.
 
-    With draft, a large JPEG is decoded at the smallest of 1/2, 1/4, 1/8 scale that keeps both
+    Without draft (the default) the pixels are the weights' own transforms applied to the decoded image. With
+    draft (--jpeg-draft), a large JPEG is decoded at the smallest of 1/2, 1/4, 1/8 scale that keeps both
     sides at least the resize size, so the resize that follows still only shrinks.
     """
     with pixel_limit(max_pixels):
@@ -76,12 +77,12 @@ def decode_stream(file: BinaryIO, preprocess: Preprocess, max_pixels: int = DEFA
 
 
 def decode_bytes(data: bytes, preprocess: Preprocess, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-                 draft: bool = True) -> torch.Tensor:
+                 draft: bool = False) -> torch.Tensor:
     return decode_stream(io.BytesIO(data), preprocess, max_pixels, draft)
 
 
 def decode_file(path: Path, preprocess: Preprocess, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-                draft: bool = True) -> torch.Tensor:
+                draft: bool = False) -> torch.Tensor:
     with open_file(path) as file:
         return decode_stream(file, preprocess, max_pixels, draft)
 
@@ -184,7 +185,7 @@ class ImageFiles(Dataset):
     """The items of a plan, by position in `indices`; each becomes one Sample."""
 
     def __init__(self, source: LocalFolder, plan: Plan, indices: list[int], preprocess: Preprocess,
-                 gpu_jpeg: bool = False, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+                 gpu_jpeg: bool = False, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, draft: bool = False):
         self.source = source  # lists and opens the items (pipeline.source)
         self.paths = plan.paths  # Arrow: shared by forked workers without copy-on-write growth
         self.escaped = plan.escaped if plan.escaped is not None and pc.any(plan.escaped).as_py() else None
@@ -192,6 +193,7 @@ class ImageFiles(Dataset):
         self.preprocess = preprocess
         self.gpu_jpeg = gpu_jpeg  # hand plain JPEGs over undecoded, for the GPU
         self.max_pixels = max_pixels
+        self.draft = draft  # Pillow's reduced-scale JPEG decoding (--jpeg-draft)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -203,11 +205,11 @@ class ImageFiles(Dataset):
         try:
             with self.source.open(self.paths[index].as_py()) as file:
                 if not self.gpu_jpeg:
-                    return Sample(index, image=decode_stream(file, self.preprocess, self.max_pixels))
+                    return Sample(index, image=decode_stream(file, self.preprocess, self.max_pixels, self.draft))
                 data = file.read()
             if self._for_the_gpu(data):
                 return Sample(index, encoded=data)
-            return Sample(index, image=decode_bytes(data, self.preprocess, self.max_pixels))
+            return Sample(index, image=decode_bytes(data, self.preprocess, self.max_pixels, self.draft))
         except Exception as error:  # any failure of one file is that file's error row
             return Sample(index, error=describe_error(error))
 

@@ -62,8 +62,8 @@ class Classifier:
         # cudnn.benchmark stays off: on an H100 its tuning added 0.4-1.3 s to the first forward and the
         #   tuned forward was no faster (docs/benchmarks.md)
         self.model = model.to(device=device, dtype=dtype, memory_format=self.memory_format).eval()
-        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         self.topk = topk
         self.classes = classes
         self.decoder = decoder  # None: the workers decoded every image
@@ -101,7 +101,8 @@ class Classifier:
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Logits, top-k labels and top-k probabilities of a batch of 0..255 pixels on the device."""
-        x = ((images.float() - self.mean) / self.std).to(self.dtype, memory_format=self.memory_format)
+        x = (images.float() / 255 - self.mean) / self.std  # the weights' transforms' own steps, in their order
+        x = x.to(self.dtype, memory_format=self.memory_format)
         logits = self.model(x).float()
         probs, labels = torch.softmax(logits, dim=1).topk(self.topk, dim=1)
         return logits, labels.int(), probs

@@ -1,5 +1,5 @@
-"""The model: find and check the weights, build torchvision's ResNet18 from them, name its classes, and give its
-preprocessing and facts. Another architecture changes this module only."""
+"""The model: any image classifier of torchvision's registry, its weights found and checked, built, its classes named,
+and its preprocessing and facts given. Another source of models changes this module only."""
 
 from __future__ import annotations
 
@@ -10,28 +10,41 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torchvision
 from torch.hub import get_dir
-from torchvision.models import ResNet18_Weights, resnet18
+from torchvision.models import get_model, get_model_weights, list_models
 
 from pipeline.config import Refused
 
 _logger = logging.getLogger(__name__)
 
-IMAGENET = ResNet18_Weights.IMAGENET1K_V1
+DEFAULT_NAMES = ("imagenet", "DEFAULT")  # the architecture's default ImageNet weights
 
 
 class WeightsError(Refused):
-    """The weights or labels cannot be used; the message names the fix."""
+    """The model, weights or labels cannot be used; the message names the fix."""
+
+
+def architectures() -> list[str]:
+    """Every image-classification model of torchvision's registry."""
+    return list_models(module=torchvision.models)
 
 
 @dataclass(frozen=True)
 class WeightsSource:
     """Where the weights come from, checked before any worker starts or model is built."""
 
-    kind: str  # 'imagenet', 'random' or 'file'
-    path: Path | None  # the file for 'imagenet' (torchvision's cache) and 'file'
-    sha256: str  # fingerprint of the file; for 'random', of the seed
+    architecture: str  # a name of torchvision's registry, e.g. 'resnet18'
+    kind: str  # 'random', 'file', or the name of a weights enum member ('IMAGENET1K_V1')
+    path: Path | None  # the file: the user's, or torchvision's cache for an enum member
+    sha256: str  # fingerprint of the file; for 'random', of the architecture and the seed
     seed: int
+    enum: object | None  # the torchvision WeightsEnum member, for named weights
+
+    @property
+    def default(self):
+        """The architecture's default weights: transforms and categories for 'random' and files."""
+        return get_model_weights(self.architecture).DEFAULT
 
 
 def _sha256(path: Path) -> str:
@@ -42,41 +55,51 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def imagenet_cache_path() -> Path:
-    """Where torchvision's weights API keeps the ImageNet weights (under TORCH_HOME)."""
-    return Path(get_dir()) / "checkpoints" / Path(IMAGENET.url).name
+def cache_path(weights) -> Path:
+    """Where torchvision's weights API keeps a weights enum member's file (TORCH_HOME/hub/checkpoints/...)."""
+    return Path(get_dir()) / "checkpoints" / Path(weights.url).name
 
 
-def _fetch_imagenet() -> Path:
-    path = imagenet_cache_path()
+def _fetch(weights, architecture: str) -> Path:
+    path = cache_path(weights)
     if path.exists():
         return path
     try:
-        IMAGENET.get_state_dict(progress=False, check_hash=True)  # downloads into the cache
+        weights.get_state_dict(progress=False, check_hash=True)  # downloads into the cache
     except Exception as error:
+        other = ("pass WEIGHTS=PATH (a state_dict file) or WEIGHTS=random (a seeded random model, for a smoke "
+                 "test) to make" if "MAKELEVEL" in os.environ else
+                 "or pass --weights PATH to a state_dict file, or --weights random for a seeded random model "
+                 "(a smoke test)")
         raise WeightsError(
-            f"the ImageNet weights are not in torchvision's cache ({path}) and could not be "
+            f"the {architecture} weights {weights.name} are not in torchvision's cache ({path}) and could not be "
             f"downloaded ({type(error).__name__}: {error}). Fix: on a machine with internet, download "
-            f"{IMAGENET.url} to {path} (or set TORCH_HOME to a folder holding hub/checkpoints/{path.name}), "
-            + ("or pass WEIGHTS=PATH (a ResNet18 state_dict file) or WEIGHTS=random (a seeded random model, for a "
-               "smoke test) to make" if "MAKELEVEL" in os.environ else
-               "or pass --weights PATH to a ResNet18 state_dict file, or --weights random for a seeded random model "
-               "(a smoke test)")
+            f"{weights.url} to {path} (or set TORCH_HOME to a folder holding hub/checkpoints/{path.name}), {other}"
         ) from error
     return path
 
 
-def resolve_weights(weights: str, seed: int) -> WeightsSource:
-    """Check that the weights named on the command line can be had, without building the model."""
+def resolve_weights(architecture: str, weights: str, seed: int) -> WeightsSource:
+    """Check that the model and the weights named on the command line can be had, without building the model."""
+    if architecture not in architectures():
+        raise WeightsError(f"--model {architecture} is not an image classifier of torchvision "
+                           f"{torchvision.__version__}; choose one of: {', '.join(architectures())}")
     if weights == "random":
-        return WeightsSource("random", None, hashlib.sha256(f"random-seed-{seed}".encode()).hexdigest(), seed)
-    if weights == "imagenet":
-        path = _fetch_imagenet()
-        return WeightsSource("imagenet", path, _sha256(path), seed)
+        fingerprint = hashlib.sha256(f"random-{architecture}-seed-{seed}".encode()).hexdigest()
+        return WeightsSource(architecture, "random", None, fingerprint, seed, None)
+    members = get_model_weights(architecture)
+    if weights in DEFAULT_NAMES or weights in members.__members__:
+        member = members.DEFAULT if weights in DEFAULT_NAMES else members[weights]
+        path = _fetch(member, architecture)
+        return WeightsSource(architecture, member.name, path, _sha256(path), seed, member)
     path = Path(weights)
     if not path.is_file():
-        raise WeightsError(f"--weights {weights}: no such file; pass 'imagenet', 'random' or a state_dict file")
-    return WeightsSource("file", path.resolve(), _sha256(path), seed)
+        raise WeightsError(f"--weights {weights}: no such file; pass 'imagenet' (or DEFAULT), one of "
+                           f"{', '.join(members.__members__)}, 'random' or a state_dict file")
+    try:
+        return WeightsSource(architecture, "file", path.resolve(), _sha256(path), seed, None)
+    except OSError as error:
+        raise WeightsError(f"--weights {weights} cannot be read ({error.strerror}): make it readable") from error
 
 
 def _state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -88,27 +111,44 @@ def _state_dict(path: Path) -> dict[str, torch.Tensor]:
     for key in ("state_dict", "model"):  # checkpoints of torchvision's reference scripts
         if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
             loaded = loaded[key]
-    if not isinstance(loaded, dict) or "fc.weight" not in loaded:
-        raise WeightsError(f"--weights {path} holds no ResNet18 state_dict (no 'fc.weight' key)")
+    if not isinstance(loaded, dict) or not all(isinstance(value, torch.Tensor) for value in loaded.values()):
+        raise WeightsError(f"--weights {path} holds no state_dict (a dict of tensors, as model.state_dict() gives)")
     return loaded
 
 
+def _head_classes(architecture: str, state: dict[str, torch.Tensor], path: Path | None = None) -> int:
+    """The class count of a state_dict: the first dimension of the architecture's classifier layer, found as the
+    parameters whose first dimension follows num_classes (a model built on the meta device, which costs nothing)."""
+    with torch.device("meta"):
+        probe = get_model(architecture, weights=None, num_classes=7).state_dict()
+    heads = [key for key, value in probe.items() if value.dim() and value.shape[0] == 7]
+    if not heads or any(key not in state for key in heads):
+        raise WeightsError(f"--weights {path or 'random'} does not hold {architecture}'s classifier layer "
+                           f"({', '.join(heads)}): "
+                           f"pass {architecture} weights, or the --model they were trained as")
+    return int(state[heads[0]].shape[0])
+
+
 def _build(source: WeightsSource) -> torch.nn.Module:
-    """ResNet18 in eval mode on the CPU, with the class count of its weights."""
+    """The network in eval mode on the CPU, with the class count of its weights."""
     if source.kind == "random":
         torch.manual_seed(source.seed)
-        return resnet18(weights=None).eval()
+        return get_model(source.architecture, weights=None).eval()
+    if source.enum is not None:
+        return get_model(source.architecture, weights=source.enum).eval()  # from the cache _fetch checked
     state = _state_dict(source.path)
-    model = resnet18(weights=None, num_classes=state["fc.weight"].shape[0])
+    net = get_model(source.architecture, weights=None, num_classes=_head_classes(source.architecture, state,
+                                                                                  source.path))
     try:
-        model.load_state_dict(state)
+        net.load_state_dict(state)
     except RuntimeError as error:
-        raise WeightsError(f"--weights {source.path} does not fit ResNet18: {error}") from error
-    return model.eval()
+        raise WeightsError(f"--weights {source.path} does not fit {source.architecture}: {error}. Pass the --model "
+                           "the weights were trained as") from error
+    return net.eval()
 
 
-def _class_names(num_classes: int, labels: Path | None) -> list[str]:
-    """Names from --labels (one per line), else ImageNet's categories from the weights' metadata."""
+def _class_names(num_classes: int, labels: Path | None, weights) -> list[str]:
+    """Names from --labels (one per line), else the weights' own categories."""
     if labels is not None:
         try:
             text = labels.read_text(encoding="utf-8")
@@ -117,12 +157,10 @@ def _class_names(num_classes: int, labels: Path | None) -> list[str]:
                                "one class name per line") from error
         names = [line.strip() for line in text.splitlines() if line.strip()]
         if len(names) != num_classes:
-            raise WeightsError(
-                f"--labels {labels} has {len(names)} names but the model has {num_classes} classes: "
-                "give one name per class, one per line"
-            )
+            raise WeightsError(f"--labels {labels} has {len(names)} names but the model has {num_classes} classes: "
+                               "give one name per class, one per line")
         return names
-    categories = IMAGENET.meta["categories"]
+    categories = weights.meta.get("categories") or []
     if num_classes != len(categories):
         raise WeightsError(f"the model has {num_classes} classes: pass --labels FILE with {num_classes} names")
     return list(categories)
@@ -143,7 +181,7 @@ class Model:
 
     def identity(self) -> dict:
         """What about the model decides a row's content: part of the run's identity."""
-        return {"model": "torchvision.models.resnet18", "weights": self.source.kind,
+        return {"model": f"torchvision.models.{self.source.architecture}", "weights": self.source.kind,
                 "weights_sha256": self.source.sha256, "classes": self.classes,
                 "labels_sha256": hashlib.sha256("\n".join(self.names).encode()).hexdigest(),
                 "preprocessing": repr(self.transforms)}
@@ -153,8 +191,10 @@ class Model:
         return {"weights_path": str(self.source.path or "")}
 
 
-def load(weights: str, seed: int, labels: Path | None) -> Model:
+def load(architecture: str, weights: str, seed: int, labels: Path | None) -> Model:
     """The model the options name, built and checked (raises WeightsError naming the fix)."""
-    source = resolve_weights(weights, seed)
+    source = resolve_weights(architecture, weights, seed)
     net = _build(source)
-    return Model(source, net, _class_names(net.fc.out_features, labels), IMAGENET.transforms())
+    described = source.enum or source.default  # files and random weights: the architecture's default recipe
+    classes = _head_classes(architecture, net.state_dict(), source.path)
+    return Model(source, net, _class_names(classes, labels, described), described.transforms())

@@ -7,6 +7,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
+from torchvision.transforms import InterpolationMode
 
 from pipeline import model
 from pipeline.config import Config, Refused
@@ -44,13 +45,17 @@ def _device(name: str) -> str:
 
 def prepare(config: Config, source: LocalFolder) -> Prepared:
     """The model built and checked, the options resolved against it and the device; raises Refused naming the fix."""
-    built = model.load(config.weights, config.seed, config.labels)
+    built = model.load(config.model, config.weights, config.seed, config.labels)
     if config.topk > built.classes:
         raise Refused(f"--topk {config.topk} is more than the model's {built.classes} classes: pass --topk "
                       f"{built.classes} or less")
     device = _device(config.device)
     precision = config.precision if config.precision != "auto" else ("fp16" if device == "cuda" else "fp32")
-    gpu_jpeg = device == "cuda" and config.decode == "auto"
+    bilinear = built.transforms.interpolation == InterpolationMode.BILINEAR
+    gpu_jpeg = device == "cuda" and config.decode == "auto" and bilinear  # the GPU resize is bilinear only
+    if device == "cuda" and config.decode == "auto" and not bilinear:
+        _logger.info("%s's transforms resize with %s interpolation, which the GPU path does not do: every image is "
+                     "decoded and resized by Pillow in the workers", config.model, built.transforms.interpolation.value)
     identity = {
         "input_dir": source.describe(),
         **built.identity(),
@@ -59,6 +64,7 @@ def prepare(config: Config, source: LocalFolder) -> Prepared:
         "topk": config.topk,
         "logits": config.logits,
         "max_image_pixels": config.max_image_pixels,
+        "jpeg_draft": config.jpeg_draft,
         "schema_version": SCHEMA_VERSION,
     }
     return Prepared(built, device, PRECISIONS[precision], gpu_jpeg, identity)
@@ -72,5 +78,5 @@ def check_resume(saved: dict, identity: dict, where: str) -> None:
                                f"{key}): finish it with that version, or write to a new OUTPUT")
         if saved[key] != value:
             raise PlanMismatch(f"{where} was started with {key}={saved[key]!r}, not {value!r}: resume with the same "
-                               "input, weights, labels and options that change a row (--precision, --decode, --topk, "
-                               "--logits, --max-image-pixels, --seed), or write to a new OUTPUT")
+                               "input, model, weights, labels and options that change a row (--precision, --decode, "
+                               "--topk, --logits, --max-image-pixels, --jpeg-draft, --seed), or write to a new OUTPUT")

@@ -16,7 +16,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from pipeline import failures, finish, layout, ranks
-from pipeline.config import DEFAULT_SHARD_SIZE, Config
+from pipeline.config import DEFAULT_SHARD_SIZE, Config, Refused
 from pipeline.durable import WriteError
 from pipeline.plan import Plan, new_plan
 from pipeline.runfolder import RunFolder
@@ -142,6 +142,8 @@ def _finish(folder: RunFolder, the_plan: Plan, rank: ranks.Rank) -> None:
 
 def _run(config: Config, source: LocalFolder, folder: RunFolder, rank: ranks.Rank, prepared, stopping,
          started: float) -> Summary:
+    import torch
+
     from pipeline import decode, guard, infer, testhooks
     from pipeline.gpu_decode import GpuDecoder
     from pipeline.progress import Progress, Waiting
@@ -167,7 +169,7 @@ def _run(config: Config, source: LocalFolder, folder: RunFolder, rank: ranks.Ran
                                   prepared.dtype, decoder, classes=prepared.model.classes)
     indices = [index for shard in pending for index in the_plan.shard_range(shard)]
     dataset = testhooks.crashing(decode.ImageFiles(source, the_plan, indices, preprocess, gpu_jpeg=prepared.gpu_jpeg,
-                                                   max_pixels=config.max_image_pixels))
+                                                   max_pixels=config.max_image_pixels, draft=config.jpeg_draft))
     batches = stopping.batches(guard.batches(dataset, config.batch_size, config.workers, pin_memory=gpu))  # the
     #   workers start now; a worker's death costs its file a row, not the run; a stop signal ends the batches,
     #   and the workers with them
@@ -185,6 +187,10 @@ def _run(config: Config, source: LocalFolder, folder: RunFolder, rank: ranks.Ran
         for scored in classifier.score(reading.wrap(batches)):
             writer.add(scored)
             progress.update(len(scored.batch.errors), sum(e is not None for e in scored.batch.errors))
+    except torch.cuda.OutOfMemoryError as error:
+        raise Refused(f"out of GPU memory with {config.model} at --batch-size {config.batch_size}: run the same "
+                      f"command with --batch-size {max(1, config.batch_size // 2)} (the committed shards are kept; "
+                      "the batch size may change on resume)") from error
     finally:
         writer.close()
         progress.close()
@@ -196,7 +202,5 @@ def _run(config: Config, source: LocalFolder, folder: RunFolder, rank: ranks.Ran
     _logger.info("waited %.1f s of %.1f s for decoded batches from the workers", reading.seconds,
                  summary.steady_seconds)
     if gpu:
-        import torch
-
         summary.gpu_peak_gib = torch.cuda.max_memory_reserved(device) / 2**30
     return summary

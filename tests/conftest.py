@@ -52,6 +52,14 @@ def seeded_state_dict(seed: int = 0, num_classes: int = 1000) -> dict[str, torch
 
 
 @pytest.fixture(scope="session")
+def six_images(tmp_path_factory) -> Path:
+    """Six small images (JPEG, PNG, WebP) in nested folders, shared by the tests that only read them."""
+    folder = tmp_path_factory.mktemp("six-images")
+    make_corpus(folder, 6)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def weights_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("weights") / "resnet18-seeded.pt"
     torch.save(seeded_state_dict(), path)

@@ -6,17 +6,18 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
+from torchvision.models import ResNet18_Weights
 from torchvision.transforms.functional import _compute_resized_output_size
 
 from pipeline.decode import ImageFiles, Preprocess, Sample, collate, decode_file, gpu_decodable
 from pipeline.gpu_decode import GpuDecoder
 from pipeline.infer import Classifier, default_allocator_settings
-from pipeline.model import IMAGENET, load
+from pipeline.model import load
 from pipeline.plan import new_plan
 from pipeline.source import LocalFolder
 from tests.conftest import make_corpus, run_pipeline, write_image
 
-TRANSFORMS = IMAGENET.transforms()
+TRANSFORMS = ResNet18_Weights.IMAGENET1K_V1.transforms()
 PREPROCESS = Preprocess.from_transforms(TRANSFORMS)
 
 
@@ -69,7 +70,7 @@ def test_gpu_path_images_agree_with_pillow_and_bad_files_fail_alone(tmp_path):
 def test_gpu_path_logits_match_the_cpu_fp32_path(tmp_path, weights_file):
     for i in range(6):
         write_image(tmp_path / f"{i}.jpg", 10 + i, size=(320 + 29 * i, 240), quality=92)
-    loaded = load(str(weights_file), seed=0, labels=None)
+    loaded = load("resnet18", str(weights_file), seed=0, labels=None)
     model, classes = loaded.net, loaded.classes
     reference = Classifier(model, torch.device("cpu"), TRANSFORMS.mean, TRANSFORMS.std, topk=5, classes=classes)
     gpu_path = Classifier(model, torch.device("cpu"), TRANSFORMS.mean, TRANSFORMS.std, topk=5,

@@ -7,7 +7,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pyarrow.dataset as ds
 import pytest
@@ -15,6 +14,7 @@ import pytest
 from pipeline.lock import Locked, acquire, held
 from pipeline.runfolder import RunFolder
 from tests.conftest import REPO, make_corpus, run_pipeline
+from tests.test_stop import group_members
 
 
 def _output_lock(folder):
@@ -90,19 +90,6 @@ def test_a_concurrent_run_on_the_same_output_fails_fast_and_the_first_finishes(t
         sorted(p.relative_to(tmp_path / "in").as_posix() for p in (tmp_path / "in").rglob("*.*"))
 
 
-def _group_alive(pgid: int) -> list[int]:
-    """The pids of the live (not zombie) processes of a process group."""
-    alive = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            alive.append(int(stat.parent.name))
-    return alive
-
-
 @pytest.mark.slow
 def test_decode_workers_do_not_keep_the_lock_of_a_killed_run(tmp_path):
     """Workers forked by the DataLoader inherited the lock's descriptor, so after a kill -9 of the main process its
@@ -121,13 +108,13 @@ def test_decode_workers_do_not_keep_the_lock_of_a_killed_run(tmp_path):
         while "test pause at shard-write" not in (tmp_path / "log").read_text():
             assert run.poll() is None and time.monotonic() < deadline, (tmp_path / "log").read_text()
             time.sleep(0.1)
-        workers = [pid for pid in _group_alive(run.pid) if pid != run.pid]
+        workers = [pid for pid in group_members(run.pid) if pid != run.pid]
         assert workers, "the decode workers should be alive while the main process pauses"
         os.kill(run.pid, signal.SIGKILL)
         run.wait()
-        assert [pid for pid in _group_alive(run.pid) if pid in workers], "orphaned workers should still be alive"
+        assert [pid for pid in group_members(run.pid) if pid in workers], "orphaned workers should still be alive"
         assert not held(RunFolder(out).existing_lock_file("output"))
     finally:
-        for pid in _group_alive(run.pid):
+        for pid in group_members(run.pid):
             os.kill(pid, signal.SIGKILL)
         log.close()

@@ -1,8 +1,16 @@
 """Weights in every form the command takes, class names, and the offline message."""
 
+import json
+
+import pyarrow.parquet as pq
 import pytest
 import torch
+from PIL import Image
+from torchvision.models import get_model, get_model_weights
 
+from pipeline import runner
+from pipeline.config import Config
+from pipeline.decode import Preprocess, decode_file
 from pipeline.model import WeightsError, load, resolve_weights
 from tests.conftest import run_pipeline, seeded_state_dict, write_image
 
@@ -13,7 +21,7 @@ def test_a_file_loads_as_plain_state_dict_or_checkpoint(tmp_path, wrap):
     path = tmp_path / "w.pt"
     torch.save(state if wrap is None else {wrap: state, "epoch": 7}, path)
 
-    model = load(str(path), seed=0, labels=None).net
+    model = load("resnet18", str(path), seed=0, labels=None).net
 
     assert not model.training
     assert torch.equal(model.fc.weight, state["fc.weight"])
@@ -25,39 +33,39 @@ def test_class_count_comes_from_fc_and_labels_must_match(tmp_path):
     torch.save(seeded_state_dict(num_classes=3), path)
     labels = tmp_path / "labels.txt"
     labels.write_text("cat\ndog\n\nbird\n")
-    model = load(str(path), seed=0, labels=labels)
+    model = load("resnet18", str(path), seed=0, labels=labels)
     assert model.net.fc.out_features == 3 and model.classes == 3
 
     assert model.names == ["cat", "dog", "bird"]
     with pytest.raises(WeightsError, match="model has 3 classes: pass --labels"):
-        load(str(path), seed=0, labels=None)
+        load("resnet18", str(path), seed=0, labels=None)
     labels.write_text("cat\ndog\n")
     with pytest.raises(WeightsError, match="2 names but the model has 3 classes"):
-        load(str(path), seed=0, labels=labels)
+        load("resnet18", str(path), seed=0, labels=labels)
 
 
 def test_imagenet_names_are_the_weights_categories():
-    names = load("random", seed=0, labels=None).names
+    names = load("resnet18", "random", seed=0, labels=None).names
     assert names[0] == "tench" and len(names) == 1000
 
 
 def test_random_weights_are_seeded():
-    a = load("random", seed=5, labels=None).net
-    b = load("random", seed=5, labels=None).net
-    c = load("random", seed=6, labels=None).net
+    a = load("resnet18", "random", seed=5, labels=None).net
+    b = load("resnet18", "random", seed=5, labels=None).net
+    c = load("resnet18", "random", seed=6, labels=None).net
     assert torch.equal(a.conv1.weight, b.conv1.weight)
     assert not torch.equal(a.conv1.weight, c.conv1.weight)
 
 
 def test_bad_weight_files_are_refused_with_the_fix(tmp_path):
     with pytest.raises(WeightsError, match="no such file"):
-        resolve_weights(str(tmp_path / "missing.pt"), seed=0)
+        resolve_weights("resnet18", str(tmp_path / "missing.pt"), seed=0)
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(WeightsError, match="cannot be read"):
-        load(str(tmp_path / "junk.pt"), seed=0, labels=None)
+        load("resnet18", str(tmp_path / "junk.pt"), seed=0, labels=None)
     torch.save({"something": torch.zeros(1)}, tmp_path / "other.pt")
-    with pytest.raises(WeightsError, match="no ResNet18 state_dict"):
-        load(str(tmp_path / "other.pt"), seed=0, labels=None)
+    with pytest.raises(WeightsError, match="does not hold resnet18.s classifier layer"):
+        load("resnet18", str(tmp_path / "other.pt"), seed=0, labels=None)
 
 
 def test_imagenet_offline_without_cache_exits_with_what_to_do(tmp_path):
@@ -72,3 +80,103 @@ def test_imagenet_offline_without_cache_exits_with_what_to_do(tmp_path):
     assert f"not in torchvision's cache ({cache})" in result.stderr
     assert "--weights PATH" in result.stderr
     assert not (tmp_path / "out" / "_plan.arrow").exists(), "nothing is planned before the weights are found"
+
+
+TESTED_MODELS = ["resnet18", "resnet50", "mobilenet_v3_small", "efficientnet_b0", "convnext_tiny", "vit_b_16",
+                 "swin_t"]
+
+
+def _images(folder):
+    """Three small real files: a JPEG, a grey PNG, a tall WebP (each is upscaled: resizing matters)."""
+    return [write_image(folder / "a.jpg", 1, size=(97, 73), quality=90),
+            write_image(folder / "b.png", 2, size=(120, 90), mode="L"),
+            write_image(folder / "c.webp", 3, size=(64, 200), quality=90)]
+
+
+@pytest.mark.parametrize("architecture", TESTED_MODELS)
+def test_the_cpu_path_feeds_the_model_exactly_its_weights_transforms_of_the_pil_image(architecture, tmp_path):
+    """Bit for bit: decode (resize, crop) in the workers, then normalisation as the classifier does it, against
+    `weights.transforms()` on the PIL image (bilinear and bicubic, each model's own sizes)."""
+    transforms = get_model_weights(architecture).DEFAULT.transforms()
+    preprocess = Preprocess.from_transforms(transforms)
+    mean = torch.tensor(transforms.mean).view(3, 1, 1)
+    std = torch.tensor(transforms.std).view(3, 1, 1)
+    for path in _images(tmp_path):
+        fed = (decode_file(path, preprocess).float() / 255 - mean) / std
+        with Image.open(path) as image:
+            assert torch.equal(fed, transforms(image.convert("RGB"))), path.name
+
+
+def _nontrivial(net: torch.nn.Module) -> torch.nn.Module:
+    """Random weights whose logits differ by units, not by 1e-10 (some architectures start near zero): normalisation
+    statistics and linear layers drawn anew."""
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, (torch.nn.BatchNorm2d, torch.nn.LayerNorm)):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(0, 0.2)
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.normal_(0, 0.2)
+                module.running_var.uniform_(0.5, 2.0)
+            if isinstance(module, torch.nn.Linear):
+                module.weight.normal_(0, module.in_features ** -0.5)
+                if module.bias is not None:
+                    module.bias.normal_(0, 0.1)
+    return net
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("architecture", TESTED_MODELS)
+def test_every_tested_model_gives_the_rows_of_torchvisions_recipe(architecture, tmp_path):
+    """A fine-tuned-style checkpoint of each model (seeded random weights, 5 classes, saved by the test, with its
+    labels) classified by the job equals the plain recipe image by image: weights.transforms() on PIL, fp32."""
+    torch.manual_seed(11)
+    net = _nontrivial(get_model(architecture, weights=None, num_classes=5)).eval()
+    torch.save({"model": net.state_dict()}, tmp_path / "w.pt")
+    (tmp_path / "labels.txt").write_text("ant\nbee\ncat\ndog\neel\n")
+    _images(tmp_path / "in")
+    config = Config(tmp_path / "in", tmp_path / "out", model=architecture, weights=str(tmp_path / "w.pt"),
+                    labels=tmp_path / "labels.txt", device="cpu", workers=0, batch_size=2, shard_size=2, topk=3)
+
+    summary = runner.run(config)
+
+    assert summary.ok == 3
+    rows = pq.read_table(sorted((tmp_path / "out").glob("part-*.parquet"))).to_pydict()
+    transforms = get_model_weights(architecture).DEFAULT.transforms()
+    with torch.inference_mode():
+        for path, logits, label_name in zip(rows["path"], rows["logits"], rows["label_name"], strict=True):
+            with Image.open(tmp_path / "in" / path) as image:
+                expected = net(transforms(image.convert("RGB")).unsqueeze(0))[0]
+            assert expected.std() > 0.05, "the weights must give logits that differ, or the check proves nothing"
+            assert torch.allclose(torch.tensor(logits), expected, rtol=1e-4, atol=1e-4), path
+            assert label_name == ["ant", "bee", "cat", "dog", "eel"][int(torch.tensor(logits).argmax())]
+    facts = json.loads(pq.read_schema(sorted((tmp_path / "out").glob("part-*.parquet"))[0]).metadata[b"pipeline.run"])
+    assert facts["model"] == f"torchvision.models.{architecture}" and facts["classes"] == 5
+    assert run_pipeline("verify", str(tmp_path / "out")).returncode == 0
+
+
+def test_an_unknown_model_and_weights_of_another_model_are_refused_with_the_fix(tmp_path):
+    with pytest.raises(WeightsError, match="not an image classifier of torchvision"):
+        load("resnet19", "random", seed=0, labels=None)
+    torch.save(seeded_state_dict(), tmp_path / "resnet18.pt")
+    with pytest.raises(WeightsError, match="does not hold vit_b_16's classifier layer"):
+        load("vit_b_16", str(tmp_path / "resnet18.pt"), seed=0, labels=None)
+    with pytest.raises(WeightsError, match="does not fit resnet50"):
+        load("resnet50", str(tmp_path / "resnet18.pt"), seed=0, labels=None)
+
+
+def test_named_weights_are_looked_up_in_torchvisions_cache(tmp_path, monkeypatch):
+    """`--weights IMAGENET1K_V2` (a member of the model's weights enum) and `imagenet`/`DEFAULT` (the default member)
+    are found under TORCH_HOME/hub/checkpoints; a file placed there by hand is used as is, offline."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    checkpoints = tmp_path / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    torch.manual_seed(0)
+    state = get_model("resnet50", weights=None).state_dict()
+    v2 = get_model_weights("resnet50").IMAGENET1K_V2
+    torch.save(state, checkpoints / v2.url.rsplit("/", 1)[1])
+    source = resolve_weights("resnet50", "IMAGENET1K_V2", seed=0)
+    assert source.kind == "IMAGENET1K_V2" and source.path == checkpoints / v2.url.rsplit("/", 1)[1]
+    assert resolve_weights("resnet50", "DEFAULT", seed=0).kind == "IMAGENET1K_V2"  # resnet50's default
+    with pytest.raises(WeightsError, match="IMAGENET1K_V1 are not in torchvision's cache"):
+        resolve_weights("resnet50", "IMAGENET1K_V1", seed=0)

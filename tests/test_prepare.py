@@ -13,14 +13,7 @@ import torch
 from pipeline import prepare
 from pipeline.config import Config, identity_options, resumable_options
 from pipeline.source import LocalFolder
-from tests.conftest import REPO, make_corpus, run_pipeline, seeded_state_dict
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("images")
-    make_corpus(folder, 6)
-    return folder
+from tests.conftest import REPO, run_pipeline, seeded_state_dict
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +27,8 @@ def test_every_option_is_either_part_of_the_identity_or_may_change_on_resume():
     fields = [field.name for field in dataclasses.fields(Config)]
     assert sorted(identity_options() + resumable_options()) == sorted(fields)
     assert not set(identity_options()) & set(resumable_options())
-    assert set(identity_options()) == {"input_dir", "weights", "labels", "precision", "decode", "topk", "seed",
-                                       "logits", "max_image_pixels"}
+    assert set(identity_options()) == {"input_dir", "model", "weights", "labels", "precision", "decode", "topk",
+                                       "seed", "logits", "max_image_pixels", "jpeg_draft"}
 
 
 def test_the_docs_list_both_kinds_of_option():
@@ -63,6 +56,8 @@ IDENTITY_CHANGES = {
     "seed": lambda base, tmp, labels: {"seed": 1},
     "logits": lambda base, tmp, labels: {"logits": "float16"},
     "max_image_pixels": lambda base, tmp, labels: {"max_image_pixels": 1000},
+    "model": lambda base, tmp, labels: {"model": "mobilenet_v3_small"},
+    "jpeg_draft": lambda base, tmp, labels: {"jpeg_draft": True},
 }
 RESUMABLE_CHANGES = {
     "output_dir": {"output_dir": Path("elsewhere")}, "device": {"device": "cpu"}, "batch_size": {"batch_size": 3},
@@ -73,17 +68,17 @@ RESUMABLE_CHANGES = {
 
 
 @pytest.mark.parametrize("name", sorted(IDENTITY_CHANGES))
-def test_changing_an_identity_option_changes_the_identity(name, images, labels, tmp_path):
+def test_changing_an_identity_option_changes_the_identity(name, six_images, labels, tmp_path):
     torch.save(seeded_state_dict(seed=3), tmp_path / "weights.pt")
-    base = Config(images, tmp_path / "out", weights="random", device="cpu")
+    base = Config(six_images, tmp_path / "out", weights="random", device="cpu")
     changed = dataclasses.replace(base, **IDENTITY_CHANGES[name](base, tmp_path, labels))
     assert _identity(changed) != _identity(base)
 
 
-def test_the_decoder_is_part_of_the_identity_where_it_differs(images, monkeypatch):
+def test_the_decoder_is_part_of_the_identity_where_it_differs(six_images, monkeypatch):
     """On a GPU --decode auto sends plain JPEGs to nvJPEG, --decode cpu to Pillow: different pixels, so a resume may
     not switch. (On the CPU both are Pillow: the same rows.)"""
-    base = Config(images, Path("out"), weights="random", device="auto")
+    base = Config(six_images, Path("out"), weights="random", device="auto")
     assert _identity(base)["decode"] == _identity(dataclasses.replace(base, decode="cpu"))["decode"] == "pillow"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert _identity(base)["decode"] == "nvjpeg"
@@ -91,9 +86,9 @@ def test_the_decoder_is_part_of_the_identity_where_it_differs(images, monkeypatc
     assert _identity(base)["precision"] == "fp16"  # auto on a GPU
 
 
-def test_the_other_options_leave_the_identity_alone(images):
+def test_the_other_options_leave_the_identity_alone(six_images):
     assert set(RESUMABLE_CHANGES) == set(resumable_options())
-    base = Config(images, Path("out"), weights="random", device="cpu")
+    base = Config(six_images, Path("out"), weights="random", device="cpu")
     expected = _identity(base)
     for name, change in RESUMABLE_CHANGES.items():
         assert _identity(dataclasses.replace(base, **change)) == expected, name
@@ -103,10 +98,10 @@ BASE = ["--weights", "random", "--device", "cpu", "--workers", "0", "--batch-siz
 
 
 @pytest.fixture(scope="module")
-def unfinished(images, tmp_path_factory) -> Path:
+def unfinished(six_images, tmp_path_factory) -> Path:
     """An output with one of its three shards committed: the run failed writing the second."""
     out = tmp_path_factory.mktemp("unfinished") / "out"
-    result = run_pipeline("classify", str(images), str(out), *BASE, env={"PIPELINE_TEST_FAIL": "shard-fsync@2"},
+    result = run_pipeline("classify", str(six_images), str(out), *BASE, env={"PIPELINE_TEST_FAIL": "shard-fsync@2"},
                           check=False)
     assert result.returncode == 74, result.stderr
     assert len(list(out.glob("part-*.parquet"))) == 1
@@ -123,23 +118,23 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
                                     ["--logits", "none"], ["--max-image-pixels", "5000"], ["--seed", "7"]],
                          ids=lambda change: change[0])
 def test_a_resume_that_changes_what_a_row_contains_is_refused_and_changes_nothing(change, unfinished, labels,
-                                                                                  tmp_path, images):
+                                                                                  tmp_path, six_images):
     """Before, a resume with another --topk, --labels, --precision or --decode mixed shards of two contents."""
     out = tmp_path / "out"
     shutil.copytree(unfinished, out)
     before = _snapshot(out)
     args = [str(labels) if arg == "LABELS" else arg for arg in change]
-    result = run_pipeline("classify", str(images), str(out), *BASE, *args, check=False)
+    result = run_pipeline("classify", str(six_images), str(out), *BASE, *args, check=False)
     assert result.returncode == 2, result.stderr
     assert "was started with" in result.stderr and "write to a new OUTPUT" in result.stderr
     assert _snapshot(out) == before
 
 
 @pytest.mark.slow
-def test_a_resume_may_change_every_other_option(unfinished, tmp_path, images):
+def test_a_resume_may_change_every_other_option(unfinished, tmp_path, six_images):
     out = tmp_path / "out"
     shutil.copytree(unfinished, out)
-    run_pipeline("classify", str(images), str(out), "--weights", "random", "--device", "cpu", "--workers", "1",
+    run_pipeline("classify", str(six_images), str(out), "--weights", "random", "--device", "cpu", "--workers", "1",
                  "--batch-size", "3", "--shard-size", "5", "--progress", "log", "--max-error-rate", "0.9",
                  "--rank", "0", "--world-size", "1")
     assert run_pipeline("verify", str(out)).returncode == 0

@@ -12,8 +12,8 @@ import pyarrow.dataset as ds
 import pytest
 import torch
 from PIL import Image
+from torchvision.models import ResNet18_Weights
 
-from pipeline.model import IMAGENET
 from tests.conftest import REPO, make_corpus, run_pipeline, seeded_state_dict
 
 
@@ -31,7 +31,7 @@ def reference_logits(root, relative_paths):
     model = resnet18()
     model.load_state_dict(seeded_state_dict())
     model.eval()
-    transforms = IMAGENET.transforms()
+    transforms = ResNet18_Weights.IMAGENET1K_V1.transforms()
     out = []
     with torch.inference_mode():
         for relative in relative_paths:
