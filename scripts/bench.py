@@ -120,9 +120,7 @@ def agreement(corpus_dir: Path, work: Path, logs: Path) -> dict:
     """Per-image cosine of GPU-path logits (nvJPEG, fp16) against the CPU fp32 path, seeded weights."""
     import pyarrow.dataset as ds
     import torch
-
-    sys.path.insert(0, str(REPO))
-    from tests.conftest import seeded_state_dict
+    from synthetic import seeded_state_dict
 
     weights = work / "seeded.pt"
     torch.save(seeded_state_dict(), weights)

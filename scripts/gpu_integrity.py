@@ -29,6 +29,7 @@ import pyarrow.dataset as ds
 import torch
 from bench_versions import imported_from, start
 from repo_env import REPO
+from synthetic import seeded_state_dict
 
 
 def classify(code: Path, corpus: Path, out: Path, weights: Path, device: str, log: Path, **env: str) -> float:
@@ -63,9 +64,6 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    sys.path.insert(0, str(REPO))
-    from tests.conftest import seeded_state_dict
-
     code = args.code.resolve()
     if imported_from(code) != code / "pipeline":
         sys.exit(f"runs in {code} would not import {code / 'pipeline'}")
