@@ -146,6 +146,11 @@ def main() -> None:
     parser.add_argument("--only", default="job,agree,cpu-decode,png,small,plain,timm",
                         help="comma list of the runs to do")
     args = parser.parse_args()
+    import torch  # here, so that --help needs no torch
+
+    if not torch.cuda.is_available():
+        sys.exit("bench.py needs CUDA: it times the job's GPU path and both baselines on a GPU "
+                 "(`make bench-cpu` is the CPU benchmark)")
     only = set(args.only.split(","))
     logs = args.work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
