@@ -74,6 +74,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=256)
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("baselines.py needs CUDA: both recipes run the model on a GPU")
     started = time.monotonic()
     logits = (plain if args.recipe == "plain" else timm_recipe)(args.corpus, args.workers, args.batch_size)
     np.save(args.out, logits)

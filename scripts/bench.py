@@ -120,9 +120,7 @@ def agreement(corpus_dir: Path, work: Path, logs: Path) -> dict:
     """Per-image cosine of GPU-path logits (nvJPEG, fp16) against the CPU fp32 path, seeded weights."""
     import pyarrow.dataset as ds
     import torch
-
-    sys.path.insert(0, str(REPO))
-    from tests.conftest import seeded_state_dict
+    from synthetic import seeded_state_dict
 
     weights = work / "seeded.pt"
     torch.save(seeded_state_dict(), weights)
@@ -148,6 +146,11 @@ def main() -> None:
     parser.add_argument("--only", default="job,agree,cpu-decode,png,small,plain,timm",
                         help="comma list of the runs to do")
     args = parser.parse_args()
+    import torch  # here, so that --help needs no torch
+
+    if not torch.cuda.is_available():
+        sys.exit("bench.py needs CUDA: it times the job's GPU path and both baselines on a GPU "
+                 "(`make bench-cpu` is the CPU benchmark)")
     only = set(args.only.split(","))
     logs = args.work / "logs"
     logs.mkdir(parents=True, exist_ok=True)

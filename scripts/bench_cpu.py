@@ -21,10 +21,8 @@ from pathlib import Path
 
 import torch
 from repo_env import REPO, repo_env
+from synthetic import write_image
 from torchvision.models import resnet18
-
-sys.path.insert(0, str(REPO))
-from tests.conftest import write_image  # noqa: E402
 
 
 def make_photos(folder: Path, count: int) -> None:

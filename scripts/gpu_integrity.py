@@ -27,18 +27,29 @@ from pathlib import Path
 import numpy as np
 import pyarrow.dataset as ds
 import torch
-from bench_versions import imported_from, start
-from repo_env import REPO
+from repo_env import REPO, repo_env
+from synthetic import seeded_state_dict
+
+
+def start(code: Path, *args: str, env: dict[str, str] | None = None, **options) -> subprocess.Popen:
+    """Python running code's pipeline package: started in code's folder, since `python -m` puts its working folder
+    first on sys.path, ahead of PYTHONPATH (started anywhere else, it would run that folder's package)."""
+    return subprocess.Popen([sys.executable, *args], cwd=code, env=repo_env(code, **(env or {})), text=True, **options)
+
+
+def imported_from(code: Path) -> Path:
+    """The folder of the pipeline package that a run started by start(code) imports."""
+    out, _ = start(code, "-c", "import pipeline; print(pipeline.__file__)", stdout=subprocess.PIPE).communicate()
+    return Path(out.strip()).resolve().parent
 
 
 def classify(code: Path, corpus: Path, out: Path, weights: Path, device: str, log: Path, **env: str) -> float:
-    """One run of code's pipeline (bench_versions.start: started in code's folder, which `python -m` imports
-    from first)."""
+    """One run of code's pipeline, started by start(code)."""
     subprocess.run(["rm", "-rf", str(out)], check=True)
     started = time.monotonic()
     with open(log, "w") as stream:
         process = start(code, "-m", "pipeline", "classify", str(corpus), str(out), "--weights", str(weights),
-                        "--device", device, "--progress", "log", extra_env=env, stdout=stream,
+                        "--device", device, "--progress", "log", env=env, stdout=stream,
                         stderr=subprocess.STDOUT)
         if process.wait():
             sys.exit(f"the run failed (exit {process.returncode}): see {log}")
@@ -62,10 +73,9 @@ def main() -> None:
     parser.add_argument("--code", type=Path, default=REPO, help="a folder holding the pipeline package to run")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("gpu_integrity.py needs CUDA (--device cpu only tries the script on a machine without a GPU)")
     args.work.mkdir(parents=True, exist_ok=True)
-    sys.path.insert(0, str(REPO))
-    from tests.conftest import seeded_state_dict
-
     code = args.code.resolve()
     if imported_from(code) != code / "pipeline":
         sys.exit(f"runs in {code} would not import {code / 'pipeline'}")

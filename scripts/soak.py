@@ -27,9 +27,8 @@ sys.path.insert(0, str(REPO))
 
 import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
-
-from tests.conftest import make_corpus  # noqa: E402
-from tests.kill_loop import PAUSE_S, POINTS, Figures, kill_loop  # noqa: E402
+from kill_loop import PAUSE_S, POINTS, Figures, kill_loop  # noqa: E402
+from synthetic import make_corpus  # noqa: E402
 
 OPTIONS = ["--weights", "random", "--device", "cpu", "--batch-size", "4", "--shard-size", "4", "--workers", "1",
            "--progress", "log"]

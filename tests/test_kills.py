@@ -2,8 +2,8 @@
 
 import pytest
 
+from scripts.kill_loop import kill_loop
 from tests.conftest import make_corpus
-from tests.kill_loop import kill_loop
 
 OPTIONS = ["--weights", "random", "--device", "cpu", "--batch-size", "4", "--shard-size", "4", "--workers", "1",
            "--progress", "log"]

@@ -16,8 +16,8 @@ from torch.utils.data import DataLoader, Dataset
 from pipeline import decode, guard, stop
 from pipeline.decode import Sample
 from pipeline.verify import Check, verify_output
+from scripts.kill_loop import RUN_COLUMNS
 from tests.conftest import REPO, make_corpus, run_pipeline
-from tests.kill_loop import RUN_COLUMNS
 
 OPTIONS = ["--weights", "random", "--device", "cpu", "--batch-size", "4", "--shard-size", "8", "--workers", "2",
            "--progress", "log"]

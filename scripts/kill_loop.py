@@ -1,6 +1,7 @@
 """The fault-injection loop: SIGKILL real runs at random moments and at named points of a commit, resume, compare.
 
-Used by tests/test_kills.py (a few kills, in CI) and scripts/soak.py (`make soak`, 100 and more).
+Used by scripts/soak.py (`make soak`, 100 kills and more) and tests/test_kills.py (a few kills, in CI), which imports
+it as scripts.kill_loop; it imports nothing else from scripts/, so it loads either way.
 """
 
 from __future__ import annotations
