@@ -109,30 +109,80 @@ def baseline(recipe: str, corpus: Path, logs: Path, workers: int) -> dict:
     return result
 
 
-def corpus(root: Path, count: int, formats: str = "jpeg") -> Path:
-    folder = root / f"{formats.replace(',', '-')}-{count}"
+def corpus(root: Path, count: int, formats: str = "jpeg", width: str = "333-800") -> Path:
+    folder = root / f"{formats.replace(',', '-')}-{count}-{width}"
     subprocess.run([sys.executable, str(REPO / "scripts" / "make_corpus.py"), "--out", str(folder), "--count",
-                    str(count), "--formats", formats], check=True)
+                    str(count), "--formats", formats, "--width", width], check=True)
     return folder
 
 
-def agreement(corpus_dir: Path, work: Path, logs: Path) -> dict:
-    """Per-image cosine of GPU-path logits (nvJPEG, fp16) against the CPU fp32 path, seeded weights."""
+def logits_of(out: Path) -> np.ndarray:
     import pyarrow.dataset as ds
-    import torch
-    from synthetic import seeded_state_dict
 
-    weights = work / "seeded.pt"
-    torch.save(seeded_state_dict(), weights)
+    table = ds.dataset(str(out), format="parquet").to_table().sort_by("path")
+    return np.array(table["logits"].to_pylist(), dtype=np.float64)
+
+
+def compare(a: np.ndarray, b: np.ndarray) -> dict:
+    """Per-image cosine of two runs' logits and their top-1 agreement."""
+    cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    return {"images": len(a), "cosine_min": float(cosine.min()), "cosine_mean": float(cosine.mean()),
+            "top1_agreement": float((a.argmax(1) == b.argmax(1)).mean()), "max_abs_logit_diff": float(abs(a - b).max())}
+
+
+def big_photos(photos: Path, work: Path, logs: Path, workers: list[str]) -> dict:
+    """2-12 megapixel JPEGs: the GPU path, the CPU decode path whole (the default) and with --jpeg-draft, and how
+    far the draft's logits move (seeded non-trivial ResNet18 weights, CPU path both times)."""
+    import torch
+    from synthetic import nontrivial_state_dict
+
+    weights = work / "big-resnet18.pt"
+    torch.save(nontrivial_state_dict("resnet18"), weights)
+    runs = {"gpu": [], "cpu-decode": ["--decode", "cpu"], "cpu-decode-draft": ["--decode", "cpu", "--jpeg-draft"]}
+    result = {name: job(photos, work / f"out-big-{name}", logs, f"big-{name}", "--weights", str(weights), *options,
+                        *workers) for name, options in runs.items()}
+    result["draft_vs_whole"] = compare(logits_of(work / "out-big-cpu-decode-draft"),
+                                       logits_of(work / "out-big-cpu-decode"))
+    return result
+
+
+def model_alone(architecture: str, batch: int = 256, steps: int = 30) -> dict:
+    """The model's own rate on the GPU: fp16, channels_last, fixed random batches already on the device (median of
+    steps timed with CUDA events): the ceiling the whole job can approach for this model."""
+    import torch
+    from torchvision.models import get_model, get_model_weights
+
+    net = get_model(architecture, weights=None).eval().to("cuda", torch.float16, memory_format=torch.channels_last)
+    size = get_model_weights(architecture).DEFAULT.transforms().crop_size[0]
+    x = torch.randn(batch, 3, size, size, device="cuda").to(torch.float16, memory_format=torch.channels_last)
+    times = []
+    with torch.inference_mode():
+        for step in range(steps + 5):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            net(x)
+            end.record()
+            end.synchronize()
+            if step >= 5:
+                times.append(start.elapsed_time(end) / 1000)
+    return {"model": architecture, "batch": batch, "images_per_s": batch / float(np.median(times))}
+
+
+def agreement(architecture: str, corpus_dir: Path, work: Path, logs: Path) -> dict:
+    """Per-image cosine and top-1 agreement of the GPU path (fp16, nvJPEG where the model resizes bilinear)
+    against the CPU fp32 path, seeded non-trivial weights of the model."""
+    import torch
+    from synthetic import nontrivial_state_dict
+
+    weights = work / f"{architecture}.pt"
+    torch.save(nontrivial_state_dict(architecture), weights)
     runs = {}
     for name, options in {"gpu": ["--device", "cuda"], "cpu": ["--device", "cpu", "--precision", "fp32"]}.items():
-        job(corpus_dir, work / f"agree-{name}", logs, f"agree-{name}", "--weights", str(weights), *options)
-        table = ds.dataset(str(work / f"agree-{name}"), format="parquet").to_table().sort_by("path")
-        runs[name] = np.array(table["logits"].to_pylist(), dtype=np.float64)
-    gpu, cpu = runs["gpu"], runs["cpu"]
-    cosine = (gpu * cpu).sum(1) / np.linalg.norm(gpu, axis=1) / np.linalg.norm(cpu, axis=1)
-    return {"images": len(cpu), "cosine_min": float(cosine.min()), "cosine_mean": float(cosine.mean()),
-            "top1_agreement": float((gpu.argmax(1) == cpu.argmax(1)).mean())}
+        out = work / f"agree-{architecture}-{name}"
+        job(corpus_dir, out, logs, f"agree-{architecture}-{name}", "--model", architecture, "--weights", str(weights),
+            *options)
+        runs[name] = logits_of(out)
+    return {"model": architecture, **compare(runs["gpu"], runs["cpu"])}
 
 
 def main() -> None:
@@ -143,8 +193,13 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--workers", type=int, default=16)
     parser.add_argument("--job-options", default="", help="extra options for the job runs, e.g. --decode cpu")
-    parser.add_argument("--only", default="job,agree,cpu-decode,png,small,plain,timm",
+    parser.add_argument("--only", default="job,agree,cpu-decode,png,small,plain,timm,models,big",
                         help="comma list of the runs to do")
+    parser.add_argument("--models", default="resnet18,resnet50,efficientnet_b0,vit_b_16",
+                        help="for the run 'models': each model's job on the small corpus (--model M), its forward "
+                             "rate alone, and its GPU-path agreement with the CPU fp32 path")
+    parser.add_argument("--agree-count", type=int, default=1000, help="photos in the agreement corpus")
+    parser.add_argument("--big", type=int, default=2000, help="2-12 megapixel photos in the corpus of the run 'big'")
     args = parser.parse_args()
     import torch  # here, so that --help needs no torch
 
@@ -165,10 +220,20 @@ def main() -> None:
                                    "--decode", "cpu", *workers)),
         ("png", lambda: job(corpus(args.work, args.small // 2, "png,webp"), args.work / "out-png", logs, "png",
                             "--weights", "random", *workers)),
-        ("agree", lambda: agreement(corpus(args.work, 1000), args.work, logs)),
+        ("agree", lambda: agreement("resnet18", corpus(args.work, args.agree_count), args.work, logs)),
+        ("big", lambda: big_photos(corpus(args.work, args.big, width="1600-4000"), args.work, logs, workers)),
         ("plain", lambda: baseline("plain", big, logs, args.workers)),
         ("timm", lambda: baseline("timm", big, logs, args.workers)),
     ]
+    if "models" in only:
+        for arch in args.models.split(","):
+            runs += [(f"model-{arch}", lambda arch=arch: job(small, args.work / f"out-model-{arch}", logs,
+                                                             f"model-{arch}", "--model", arch, "--weights", "random",
+                                                             *workers)),
+                     (f"alone-{arch}", lambda arch=arch: model_alone(arch)),
+                     (f"agree-{arch}", lambda arch=arch: agreement(arch, corpus(args.work, args.agree_count),
+                                                                        args.work, logs))]
+            only |= {f"model-{arch}", f"alone-{arch}", f"agree-{arch}"}
     for name, run in runs:
         if name in only:
             for out in args.work.glob(f"out-{name}*"):
@@ -177,16 +242,22 @@ def main() -> None:
             print(name, json.dumps(results[name]), flush=True)
             if args.json:  # after every run: a call cut short still leaves what it measured
                 args.json.write_text(json.dumps(results, indent=1))
-    print(f"\n{'run':<11}{'images':>8}{'wall s':>8}{'img/s':>9}{'steady':>9}{'1st s':>7}{'rss MiB':>9}"
+    rows = {**{name: r for name, r in results.items() if isinstance(r, dict)},
+            **{f"big/{sub}": r for sub, r in results.get("big", {}).items()}}
+    print(f"\n{'run':<24}{'images':>8}{'wall s':>8}{'img/s':>9}{'steady':>9}{'1st s':>7}{'rss MiB':>9}"
           f"{'tree MiB':>10}{'gpu GiB':>8}{'plan s':>8}")
-    for name, r in results.items():
-        if isinstance(r, dict) and "wall_s" in r:
-            print(f"{name:<11}{r.get('images', 0):>8.0f}{r['wall_s']:>8.1f}{r['images_per_s']:>9.0f}"
+    for name, r in rows.items():
+        if "wall_s" in r:
+            print(f"{name:<24}{r.get('images', 0):>8.0f}{r['wall_s']:>8.1f}{r['images_per_s']:>9.0f}"
                   f"{r.get('steady_img/s', 0):>9.0f}{r.get('first_batch_s') or 0:>7.1f}{r['main_rss_mib']:>9.0f}"
                   f"{r['tree_rss_mib']:>10.0f}{r.get('gpu_peak_gib', 0):>8.2f}{r.get('planned_s') or 0:>8.1f}")
-    if "agree" in results:
-        print("agreement (GPU fp16 nvJPEG vs CPU fp32):", json.dumps(results["agree"]))
-
+    for name, r in rows.items():
+        if name.startswith("alone-"):
+            print(f"{name:<24} model alone, fp16 batch {r['batch']}: {r['images_per_s']:.0f} img/s")
+        if name.startswith("agree"):
+            print(f"{name:<24} GPU path vs CPU fp32:", json.dumps(r))
+        if name == "big/draft_vs_whole":
+            print(f"{name:<24} --jpeg-draft vs whole decode (CPU path):", json.dumps(r))
 
 if __name__ == "__main__":
     main()

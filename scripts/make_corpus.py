@@ -9,7 +9,7 @@ and logged; at least one of scikit-image / scikit-learn must be installed.
 
 Each output file is a random crop (random scale, ImageNet-like aspect ratio from
 3:4 to 16:9 in either orientation) of a random source, optionally mirrored, with a
-small colour jitter, resized to a width drawn uniformly from 333-800 px and saved
+small colour jitter, resized to a width drawn uniformly from 333-800 px (``--width``) and saved
 with a random quality (default 79-93: mean JPEG size about 57 KB, KB = 1000 bytes).
 For speed the scale is snapped up to a 2**(1/4) grid, so most files are plain crops
 of a cached, bicubic-rescaled copy of their source (per-file resampling dominated).
@@ -96,7 +96,7 @@ def pick_geometry(rng):
     """Output (width, height) with uniform width and an ImageNet-like aspect ratio."""
     ratio = rng.choice(RATIOS, p=RATIO_P) * rng.uniform(0.97, 1.03)
     aspect = 1 / ratio if rng.random() < P_PORTRAIT else ratio  # width / height
-    width = int(rng.integers(MIN_W, MAX_W + 1))
+    width = int(rng.integers(_CFG.get("wmin", MIN_W), _CFG.get("wmax", MAX_W) + 1))
     return width, max(1, round(width / aspect))
 
 
@@ -173,11 +173,14 @@ def parse_args(argv=None):
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     p.add_argument("--formats", default="jpeg", help="comma list of jpeg,png,webp (round-robin)")
     p.add_argument("--quality", default="79-93", help="JPEG/WebP quality range MIN-MAX")
+    p.add_argument("--width", default=f"{MIN_W}-{MAX_W}",
+                   help="width range MIN-MAX in px (e.g. 1600-4000 for photos of 2-12 megapixels)")
     args = p.parse_args(argv)
     args.formats = [f.strip().lower() for f in args.formats.split(",") if f.strip()]
     if not args.formats or any(f not in EXT for f in args.formats):
         p.error(f"--formats must be a comma list of {sorted(EXT)}")
     args.qmin, args.qmax = (int(q) for q in args.quality.split("-"))
+    args.wmin, args.wmax = (int(w) for w in args.width.split("-"))
     return args
 
 
@@ -185,6 +188,8 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = parse_args(argv)
     spec = {"count": args.count, "seed": args.seed, "formats": args.formats, "quality": [args.qmin, args.qmax]}
+    if (args.wmin, args.wmax) != (MIN_W, MAX_W):  # the default corpus keeps its manifest of old
+        spec["width"] = [args.wmin, args.wmax]
     manifest = args.out / MANIFEST
     if manifest.is_file() and _read_spec(manifest) == spec:
         log.info("%s already holds the complete corpus %s; nothing to do", args.out, spec)
@@ -199,7 +204,8 @@ def main(argv=None):
     for d in range((args.count + PER_DIR - 1) // PER_DIR):
         (args.out / f"{d:03d}").mkdir(parents=True, exist_ok=True)
 
-    cfg = {"seed": args.seed, "formats": args.formats, "out": str(args.out), "qmin": args.qmin, "qmax": args.qmax}
+    cfg = {"seed": args.seed, "formats": args.formats, "out": str(args.out), "qmin": args.qmin, "qmax": args.qmax,
+           "wmin": args.wmin, "wmax": args.wmax}
     start, sizes, widths = time.perf_counter(), [], []
     step = max(1, args.count // 10)
     with mp.Pool(args.jobs, _init_worker, (list(sources.values()), cfg)) as pool:

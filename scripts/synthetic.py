@@ -1,5 +1,5 @@
-"""Inputs that need no downloads: smooth random pictures, a nested corpus of them, and ResNet18 weights with
-non-trivial BatchNorm statistics.
+"""Inputs that need no downloads: smooth random pictures, a nested corpus of them, ResNet18 weights with
+non-trivial BatchNorm statistics, and non-trivial random weights of any torchvision classifier.
 
 Used by scripts/soak.py, bench.py, bench_cpu.py and gpu_integrity.py (as a sibling module), and by the tests
 through tests/conftest.py (as scripts.synthetic); it imports nothing from scripts/, so it loads either way.
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.models import resnet18
+from torchvision.models import get_model, resnet18
 
 
 def write_image(path: Path, seed: int, size: tuple[int, int] = (96, 72), mode: str = "RGB", **save) -> Path:
@@ -48,3 +48,23 @@ def seeded_state_dict(seed: int = 0, num_classes: int = 1000) -> dict[str, torch
             module.weight.data.uniform_(0.5, 1.5)
             module.bias.data.normal_(0, 0.2)
     return model.state_dict()
+
+
+def nontrivial_state_dict(architecture: str, seed: int = 0, num_classes: int = 1000) -> dict[str, torch.Tensor]:
+    """Random weights of a torchvision classifier whose logits differ by units, not by 1e-10 (some architectures
+    start near zero): normalisation statistics and linear layers drawn anew, so preprocessing errors show."""
+    torch.manual_seed(seed)
+    net = get_model(architecture, weights=None, num_classes=num_classes)
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, (torch.nn.BatchNorm2d, torch.nn.LayerNorm)):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(0, 0.2)
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.normal_(0, 0.2)
+                module.running_var.uniform_(0.5, 2.0)
+            if isinstance(module, torch.nn.Linear):
+                module.weight.normal_(0, module.in_features ** -0.5)
+                if module.bias is not None:
+                    module.bias.normal_(0, 0.1)
+    return net.state_dict()

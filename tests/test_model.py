@@ -12,6 +12,7 @@ from pipeline import runner
 from pipeline.config import Config
 from pipeline.decode import Preprocess, decode_file
 from pipeline.model import WeightsError, load, resolve_weights
+from scripts.synthetic import nontrivial_state_dict
 from tests.conftest import run_pipeline, seeded_state_dict, write_image
 
 
@@ -107,31 +108,13 @@ def test_the_cpu_path_feeds_the_model_exactly_its_weights_transforms_of_the_pil_
             assert torch.equal(fed, transforms(image.convert("RGB"))), path.name
 
 
-def _nontrivial(net: torch.nn.Module) -> torch.nn.Module:
-    """Random weights whose logits differ by units, not by 1e-10 (some architectures start near zero): normalisation
-    statistics and linear layers drawn anew."""
-    with torch.no_grad():
-        for module in net.modules():
-            if isinstance(module, (torch.nn.BatchNorm2d, torch.nn.LayerNorm)):
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.normal_(0, 0.2)
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.normal_(0, 0.2)
-                module.running_var.uniform_(0.5, 2.0)
-            if isinstance(module, torch.nn.Linear):
-                module.weight.normal_(0, module.in_features ** -0.5)
-                if module.bias is not None:
-                    module.bias.normal_(0, 0.1)
-    return net
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("architecture", TESTED_MODELS)
 def test_every_tested_model_gives_the_rows_of_torchvisions_recipe(architecture, tmp_path):
     """A fine-tuned-style checkpoint of each model (seeded random weights, 5 classes, saved by the test, with its
     labels) classified by the job equals the plain recipe image by image: weights.transforms() on PIL, fp32."""
-    torch.manual_seed(11)
-    net = _nontrivial(get_model(architecture, weights=None, num_classes=5)).eval()
+    net = get_model(architecture, weights=None, num_classes=5).eval()
+    net.load_state_dict(nontrivial_state_dict(architecture, seed=11, num_classes=5))
     torch.save({"model": net.state_dict()}, tmp_path / "w.pt")
     (tmp_path / "labels.txt").write_text("ant\nbee\ncat\ndog\neel\n")
     _images(tmp_path / "in")
