@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-import pyarrow.compute as pc
 import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
@@ -187,7 +186,6 @@ class ImageFiles(Dataset):
                  gpu_jpeg: bool = False, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
         self.source = source  # lists and opens the items (pipeline.source)
         self.paths = plan.paths  # Arrow: shared by forked workers without copy-on-write growth
-        self.escaped = plan.escaped if plan.escaped is not None and pc.any(plan.escaped).as_py() else None
         self.indices = indices
         self.preprocess = preprocess
         self.gpu_jpeg = gpu_jpeg  # hand plain JPEGs over undecoded, for the GPU
@@ -198,8 +196,6 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, position: int) -> Sample:
         index = self.indices[position]
-        if self.escaped is not None and self.escaped[index].as_py():
-            return Sample(index, error=str(Unusable(causes.BAD_NAME, "rename it (the path shows its bytes as \\xNN)")))
         try:
             with self.source.open(self.paths[index].as_py()) as file:
                 if not self.gpu_jpeg:

@@ -11,7 +11,7 @@ import torch
 from pipeline import model
 from pipeline.config import Config, Refused
 from pipeline.parquet import SCHEMA_VERSION
-from pipeline.source import LocalFolder
+from pipeline.source import PATH_ENCODING, LocalFolder
 
 _logger = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ def prepare(config: Config, source: LocalFolder) -> Prepared:
         "logits": config.logits,
         "max_image_pixels": config.max_image_pixels,
         "schema_version": SCHEMA_VERSION,
+        "path_encoding": PATH_ENCODING,  # how `path` spells names that are not plain UTF-8 (docs/schema.md)
     }
     return Prepared(built, device, PRECISIONS[precision], gpu_jpeg, identity)
 
