@@ -19,12 +19,13 @@ VANISHED = "file vanished"
 BROKEN_LINK = "broken symlink"
 UNREADABLE = "unreadable file"
 NOT_REGULAR = "not a regular file"  # a FIFO, socket or device under an image name: never opened
+TOO_LARGE = "file too large"  # more bytes than --max-file-bytes: never read
 CRASHED = "decoder crashed"
 OUT_OF_MEMORY = "out of memory"
 UNEXPECTED = "unexpected error"
 
 CAUSES = (EMPTY, TRUNCATED, CORRUPT, HTML, XML, TEXT, UNSUPPORTED, MODE, BOMB, VANISHED, BROKEN_LINK, UNREADABLE,
-          NOT_REGULAR, CRASHED, OUT_OF_MEMORY, UNEXPECTED)
+          NOT_REGULAR, TOO_LARGE, CRASHED, OUT_OF_MEMORY, UNEXPECTED)
 
 # Why a folder below INPUT could not be listed: its files get no rows; the summary and the manifest count it.
 FOLDER_VANISHED = "folder vanished"  # listed in its parent, gone (or no longer a folder) when listed itself

@@ -15,6 +15,7 @@ import click
 
 from pipeline.config import (
     DEFAULT_MAX_ERROR_RATE,
+    DEFAULT_MAX_FILE_BYTES,
     DEFAULT_MAX_IMAGE_PIXELS,
     DEFAULT_SHARD_SIZE,
     Config,
@@ -125,6 +126,9 @@ def main() -> None:
 @click.option("--max-image-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_IMAGE_PIXELS, show_default=True,
               help="Larger images are refused from their header (an error row 'decompression bomb'); "
                    "the default is where Pillow itself refuses (2 x PIL.Image.MAX_IMAGE_PIXELS).")
+@click.option("--max-file-bytes", type=click.IntRange(min=1), default=DEFAULT_MAX_FILE_BYTES, show_default=True,
+              help="Larger files are refused before a byte is read (an error row 'file too large'); with "
+                   "--max-image-pixels it bounds what one file costs a decode worker in memory.")
 @click.option("--max-error-rate", type=click.FloatRange(0, 1), default=DEFAULT_MAX_ERROR_RATE, show_default=True,
               help=f"Largest share of error rows that still exits 0; above it every row is still committed but "
                    f"the exit code is {Exit.TOO_MANY_ERRORS.value}.")

@@ -18,7 +18,7 @@ from torchvision.transforms import functional as F
 
 from pipeline import causes, stop
 from pipeline.causes import Unusable
-from pipeline.config import DEFAULT_MAX_IMAGE_PIXELS
+from pipeline.config import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
 from pipeline.plan import Plan
 from pipeline.read import failure, open_file, open_image, pixel_limit
 from pipeline.source import LocalFolder
@@ -183,13 +183,15 @@ class ImageFiles(Dataset):
     """The items of a plan, by position in `indices`; each becomes one Sample."""
 
     def __init__(self, source: LocalFolder, plan: Plan, indices: list[int], preprocess: Preprocess,
-                 gpu_jpeg: bool = False, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+                 gpu_jpeg: bool = False, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                 max_bytes: int = DEFAULT_MAX_FILE_BYTES):
         self.source = source  # lists and opens the items (pipeline.source)
         self.paths = plan.paths  # Arrow: shared by forked workers without copy-on-write growth
         self.indices = indices
         self.preprocess = preprocess
         self.gpu_jpeg = gpu_jpeg  # hand plain JPEGs over undecoded, for the GPU
         self.max_pixels = max_pixels
+        self.max_bytes = max_bytes  # larger files are refused before a byte is read
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -197,10 +199,12 @@ class ImageFiles(Dataset):
     def __getitem__(self, position: int) -> Sample:
         index = self.indices[position]
         try:
-            with self.source.open(self.paths[index].as_py()) as file:
+            with self.source.open(self.paths[index].as_py(), self.max_bytes) as file:
                 if not self.gpu_jpeg:
                     return Sample(index, image=decode_stream(file, self.preprocess, self.max_pixels))
-                data = file.read()
+                data = file.read(self.max_bytes + 1)  # a file that grew since it was opened is read no further
+            if len(data) > self.max_bytes:
+                raise Unusable(causes.TOO_LARGE, f"it grew past the limit {self.max_bytes} while read")
             if self._for_the_gpu(data):
                 return Sample(index, encoded=data)
             return Sample(index, image=decode_bytes(data, self.preprocess, self.max_pixels))

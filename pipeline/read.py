@@ -23,9 +23,9 @@ from pipeline.causes import Unusable
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")  # by content; Pillow may use no other decoder
 
 
-def open_file(path: Path) -> BinaryIO:
+def open_file(path: Path, max_bytes: int | None = None) -> BinaryIO:
     """The file, open for reading, or Unusable saying why it cannot be read: anything but a regular file is refused
-    before it is opened (opening a device can act on it)."""
+    before it is opened (opening a device can act on it), a file of more than max_bytes before a byte is read."""
     try:
         kind = _not_regular(os.stat(path).st_mode)  # follows symlinks
         if kind is not None:
@@ -41,9 +41,13 @@ def open_file(path: Path) -> BinaryIO:
         raise Unusable(causes.UNREADABLE, error.strerror) from None
     status = os.fstat(fd)
     kind = _not_regular(status.st_mode)
-    if kind is not None or status.st_size == 0:
+    if kind is not None or status.st_size == 0 or (max_bytes is not None and status.st_size > max_bytes):
         os.close(fd)
-        raise _refusal(kind) if kind is not None else Unusable(causes.EMPTY)
+        if kind is not None:
+            raise _refusal(kind)
+        if status.st_size == 0:
+            raise Unusable(causes.EMPTY)
+        raise Unusable(causes.TOO_LARGE, f"{status.st_size} bytes > limit {max_bytes}")
     return os.fdopen(fd, "rb")
 
 

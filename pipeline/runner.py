@@ -179,7 +179,8 @@ def _run(config: Config, source: LocalFolder, folder: RunFolder, rank: ranks.Ran
                                   prepared.dtype, decoder, classes=prepared.model.classes)
     indices = [index for shard in pending for index in the_plan.shard_range(shard)]
     dataset = testhooks.crashing(decode.ImageFiles(source, the_plan, indices, preprocess, gpu_jpeg=prepared.gpu_jpeg,
-                                                   max_pixels=config.max_image_pixels))
+                                                   max_pixels=config.max_image_pixels,
+                                                   max_bytes=config.max_file_bytes))
     batches = stopping.batches(guard.batches(dataset, config.batch_size, config.workers, pin_memory=gpu))  # the
     #   workers start now; a worker's death costs its file a row, not the run; a stop signal ends the batches,
     #   and the workers with them

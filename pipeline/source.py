@@ -100,9 +100,10 @@ class LocalFolder:
                              f"image extensions are: {extensions} (any case)")
         return listing
 
-    def open(self, path: str) -> BinaryIO:
-        """One listed item (its encoded path), open for reading, or causes.Unusable saying why it cannot be read."""
-        return open_file(self.root / decode_path(path))
+    def open(self, path: str, max_bytes: int | None = None) -> BinaryIO:
+        """One listed item (its encoded path), open for reading, or causes.Unusable saying why it cannot be read
+        (more than max_bytes: too large)."""
+        return open_file(self.root / decode_path(path), max_bytes)
 
 
 class _Walk:

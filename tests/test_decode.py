@@ -358,3 +358,15 @@ def test_a_name_that_is_not_utf8_is_read_under_its_escaped_path(tmp_path):
 
     assert plan.paths.to_pylist() == ["caf\\\\xe9.png", "caf\\xe9.png"]
     assert dataset[0].error.startswith("unsupported format") and dataset[1].error is None
+
+
+def test_a_file_over_max_bytes_is_refused_before_it_is_read(tmp_path):
+    path = write_image(tmp_path / "a.png", 0)
+    size = path.stat().st_size
+    plan = new_plan(LocalFolder(tmp_path).list(), 10, {})
+
+    assert ImageFiles(LocalFolder(tmp_path), plan, [0], PREPROCESS, max_bytes=size)[0].error is None
+    refused = ImageFiles(LocalFolder(tmp_path), plan, [0], PREPROCESS, max_bytes=size - 1)[0]
+    assert refused == Sample(0, error=f"file too large: {size} bytes > limit {size - 1}")
+    gpu = ImageFiles(LocalFolder(tmp_path), plan, [0], PREPROCESS, gpu_jpeg=True, max_bytes=size - 1)[0]
+    assert gpu.error == refused.error

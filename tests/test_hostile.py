@@ -246,3 +246,33 @@ def test_image_named_fifos_sockets_and_devices_get_a_row(tmp_path):
                              "not a regular file: a socket"]
     manifest = json.loads((tmp_path / "out" / "_SUCCESS").read_text())
     assert manifest["error_counts"] == {"not a regular file": 3} and manifest["run"]["ignored_files"] == 0
+
+
+def padded_jpeg(path, padding: int) -> int:
+    """A 64x64 JPEG whose metadata (APP1 segments of zeros) takes `padding` bytes more, written sparse (only the
+    segment headers take disk space); returns the file's size."""
+    jpeg = encoded(Image.new("RGB", (64, 64), "teal"), "JPEG")
+    with open(path, "wb") as f:
+        f.write(jpeg[:2])
+        for _ in range(padding // 65537):
+            f.write(b"\xff\xe1\xff\xff")
+            f.seek(65533, os.SEEK_CUR)
+        f.write(jpeg[2:])
+    return os.path.getsize(path)
+
+
+@pytest.mark.slow
+def test_a_file_over_the_byte_limit_is_an_error_row_and_never_read(tmp_path):
+    """Pillow keeps a JPEG's metadata in memory: 600 MiB of APP segments would cost a worker 600 MB. Over the
+    default --max-file-bytes (512 MiB) it is refused from its size; a lower limit refuses smaller files."""
+    root = tmp_path / "in"
+    write_image(root / "a.jpg", 0)
+    size = padded_jpeg(root / "padded.jpg", 600 * 2**20)
+    small = padded_jpeg(root / "small.jpg", 2 * 2**20)
+
+    run_pipeline("classify", str(root), str(tmp_path / "out"), *ROUND2)
+    assert read_output(tmp_path / "out")["error"] == [None, f"file too large: {size} bytes > limit 536870912", None]
+
+    run_pipeline("classify", str(root), str(tmp_path / "low"), *ROUND2, "--max-file-bytes", str(2**20))
+    assert read_output(tmp_path / "low")["error"] == [None, f"file too large: {size} bytes > limit 1048576",
+                                                      f"file too large: {small} bytes > limit 1048576"]

@@ -35,7 +35,7 @@ def test_every_option_is_either_part_of_the_identity_or_may_change_on_resume():
     assert sorted(identity_options() + resumable_options()) == sorted(fields)
     assert not set(identity_options()) & set(resumable_options())
     assert set(identity_options()) == {"input_dir", "weights", "labels", "precision", "decode", "topk", "seed",
-                                       "logits", "max_image_pixels"}
+                                       "logits", "max_image_pixels", "max_file_bytes"}
 
 
 def test_the_docs_list_both_kinds_of_option():
@@ -63,6 +63,7 @@ IDENTITY_CHANGES = {
     "seed": lambda base, tmp, labels: {"seed": 1},
     "logits": lambda base, tmp, labels: {"logits": "float16"},
     "max_image_pixels": lambda base, tmp, labels: {"max_image_pixels": 1000},
+    "max_file_bytes": lambda base, tmp, labels: {"max_file_bytes": 1000},
 }
 RESUMABLE_CHANGES = {
     "output_dir": {"output_dir": Path("elsewhere")}, "device": {"device": "cpu"}, "batch_size": {"batch_size": 3},
