@@ -276,3 +276,15 @@ def test_a_file_over_the_byte_limit_is_an_error_row_and_never_read(tmp_path):
     run_pipeline("classify", str(root), str(tmp_path / "low"), *ROUND2, "--max-file-bytes", str(2**20))
     assert read_output(tmp_path / "low")["error"] == [None, f"file too large: {size} bytes > limit 1048576",
                                                       f"file too large: {small} bytes > limit 1048576"]
+
+
+def test_a_batch_size_that_cannot_fit_in_memory_is_refused_before_any_write_naming_one_that_fits(tmp_path):
+    root = tmp_path / "in"
+    write_image(root / "a.jpg", 0)
+
+    result = run_pipeline("classify", str(root), str(tmp_path / "out"), *ROUND2, "--batch-size", "10000000",
+                          check=False)
+
+    assert result.returncode == 2, result.stderr
+    assert "--batch-size 10000000 needs about" in result.stderr and "or less (or fewer --workers)" in result.stderr
+    assert not (tmp_path / "out").exists(), "nothing written"

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pipeline import prepare
-from pipeline.config import Config, identity_options, resumable_options
+from pipeline.config import Config, Refused, identity_options, resumable_options
 from pipeline.source import LocalFolder
 from tests.conftest import REPO, make_corpus, run_pipeline, seeded_state_dict
 
@@ -144,3 +144,21 @@ def test_a_resume_may_change_every_other_option(unfinished, tmp_path, images):
                  "--batch-size", "3", "--shard-size", "5", "--progress", "log", "--max-error-rate", "0.9",
                  "--rank", "0", "--world-size", "1")
     assert run_pipeline("verify", str(out)).returncode == 0
+
+
+def test_a_batch_size_is_refused_when_its_batches_in_flight_do_not_fit_naming_the_largest_that_does(images):
+    config = Config(images, Path("out"), weights="random", device="cpu", workers=2, batch_size=100_000)
+    built = prepare.model.load("random", 0, None)
+    per_image, in_flight = prepare.batch_bytes(config, built, "cpu")
+    assert in_flight == 2 * 4 + 3 and per_image == 3 * 224 * 224 * in_flight + 7 * 2**20
+    available = 8 * 2**30
+    fits = (available - prepare.PROCESS_BYTES) // per_image
+
+    with pytest.raises(Refused, match=rf"--batch-size 100000 needs about .* GiB .* 8.0 GiB is available here .*: "
+                                      rf"use --batch-size {fits} or less \(or fewer --workers\)"):
+        prepare.check_batch_memory(config, built, "cpu", available)
+    prepare.check_batch_memory(dataclasses.replace(config, batch_size=fits), built, "cpu", available)
+    with pytest.raises(Refused):
+        prepare.check_batch_memory(dataclasses.replace(config, batch_size=fits + 1), built, "cpu", available)
+    prepare.check_batch_memory(config, built, "cpu", None)  # nothing known: nothing refused
+    assert prepare.host_memory_available() > 0
