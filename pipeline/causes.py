@@ -20,12 +20,13 @@ BROKEN_LINK = "broken symlink"
 UNREADABLE = "unreadable file"
 NOT_REGULAR = "not a regular file"  # a FIFO, socket or device under an image name: never opened
 TOO_LARGE = "file too large"  # more bytes than --max-file-bytes: never read
+TIMED_OUT = "decode timed out"  # a worker decoded it for longer than --decode-timeout: it was killed
 CRASHED = "decoder crashed"
 OUT_OF_MEMORY = "out of memory"
 UNEXPECTED = "unexpected error"
 
 CAUSES = (EMPTY, TRUNCATED, CORRUPT, HTML, XML, TEXT, UNSUPPORTED, MODE, BOMB, VANISHED, BROKEN_LINK, UNREADABLE,
-          NOT_REGULAR, TOO_LARGE, CRASHED, OUT_OF_MEMORY, UNEXPECTED)
+          NOT_REGULAR, TOO_LARGE, TIMED_OUT, CRASHED, OUT_OF_MEMORY, UNEXPECTED)
 
 # Why a folder below INPUT could not be listed: its files get no rows; the summary and the manifest count it.
 FOLDER_VANISHED = "folder vanished"  # listed in its parent, gone (or no longer a folder) when listed itself

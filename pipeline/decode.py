@@ -26,6 +26,8 @@ from pipeline.source import LocalFolder
 _logger = logging.getLogger(__name__)
 
 GPU_MAX_PIXELS = 24_000_000  # larger JPEGs are cheaper in Pillow's reduced-scale (draft) decode
+GPU_MAX_SCANS = 64  # a progressive JPEG of more scans goes to Pillow in a worker, where --decode-timeout applies
+#   (encoders write about 10; thousands of repeated scans make a small file decode for minutes)
 ORIENTATION_TAG = 0x0112  # EXIF orientation; nvJPEG ignores it, so rotated files go to Pillow
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited onto white before classification
 MAX_ASPECT = 16  # a longer side beyond 16x the shorter is cut to its centre first: the crop never sees it
@@ -86,13 +88,14 @@ def decode_file(path: Path, preprocess: Preprocess, max_pixels: int = DEFAULT_MA
 
 
 def gpu_decodable(data: bytes) -> bool:
-    """A baseline-or-progressive JPEG nvJPEG can take as is: RGB or grey, upright, complete, not huge.
+    """A baseline-or-progressive JPEG nvJPEG can take as is: RGB or grey, upright, complete, not huge, not a
+    pile of scans.
 
-    Everything else (other formats, CMYK, EXIF-rotated, truncated, over GPU_MAX_PIXELS) is decoded
+    Everything else (other formats, CMYK, EXIF-rotated, truncated, over GPU_MAX_PIXELS or GPU_MAX_SCANS) is decoded
     by Pillow in the worker, so every path meets the same checks and gives the same errors.
     """
-    if not (data[:3] == b"\xff\xd8\xff" and data[-2:] == b"\xff\xd9"):
-        return False
+    if not (data[:3] == b"\xff\xd8\xff" and data[-2:] == b"\xff\xd9") or data.count(b"\xff\xda") > GPU_MAX_SCANS:
+        return False  # 0xFFDA starts a scan: entropy-coded data never holds it (an 0xFF there is followed by 0x00)
     with Image.open(io.BytesIO(data), formats=["JPEG"]) as image:
         return (image.mode in ("RGB", "L") and image.width * image.height <= GPU_MAX_PIXELS
                 and image.getexif().get(ORIENTATION_TAG, 1) == 1)
@@ -196,6 +199,10 @@ class ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
+    def name(self, position: int) -> str:
+        """The item's path, for a log line."""
+        return self.paths[self.indices[position]].as_py()
+
     def __getitem__(self, position: int) -> Sample:
         index = self.indices[position]
         try:
@@ -258,8 +265,9 @@ def _quiet_worker(worker_id: int) -> None:
 
 
 def make_loader(dataset: Dataset, batch_size: int, workers: int, pin_memory: bool,
-                prefetch: int = PREFETCH) -> DataLoader:
-    """Batches in plan order (no shuffling), pinned for asynchronous copies to the device."""
+                prefetch: int = PREFETCH, timeout: float = 0) -> DataLoader:
+    """Batches in plan order (no shuffling), pinned for asynchronous copies to the device. timeout: waiting longer
+    than this for a batch raises RuntimeError('DataLoader timed out ...'), after which the wait may go on."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -270,4 +278,5 @@ def make_loader(dataset: Dataset, batch_size: int, workers: int, pin_memory: boo
         worker_init_fn=_quiet_worker if workers else None,
         prefetch_factor=prefetch if workers else None,
         persistent_workers=False,
+        timeout=timeout if workers else 0,
     )

@@ -64,6 +64,7 @@ def prepare(config: Config, source: LocalFolder) -> Prepared:
         "logits": config.logits,
         "max_image_pixels": config.max_image_pixels,
         "max_file_bytes": config.max_file_bytes,
+        "decode_timeout": config.decode_timeout,
         "schema_version": SCHEMA_VERSION,
         "path_encoding": PATH_ENCODING,  # how `path` spells names that are not plain UTF-8 (docs/schema.md)
     }
@@ -151,4 +152,5 @@ def check_resume(saved: dict, identity: dict, where: str) -> None:
         if saved[key] != value:
             raise PlanMismatch(f"{where} was started with {key}={saved[key]!r}, not {value!r}: resume with the same "
                                "input, weights, labels and options that change a row (--precision, --decode, --topk, "
-                               "--logits, --max-image-pixels, --max-file-bytes, --seed), or write to a new OUTPUT")
+                               "--logits, --max-image-pixels, --max-file-bytes, "
+                               "--decode-timeout, --seed), or write to a new OUTPUT")

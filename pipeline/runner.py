@@ -181,9 +181,10 @@ def _run(config: Config, source: LocalFolder, folder: RunFolder, rank: ranks.Ran
     dataset = testhooks.crashing(decode.ImageFiles(source, the_plan, indices, preprocess, gpu_jpeg=prepared.gpu_jpeg,
                                                    max_pixels=config.max_image_pixels,
                                                    max_bytes=config.max_file_bytes))
-    batches = stopping.batches(guard.batches(dataset, config.batch_size, config.workers, pin_memory=gpu))  # the
-    #   workers start now; a worker's death costs its file a row, not the run; a stop signal ends the batches,
-    #   and the workers with them
+    batches = stopping.batches(guard.batches(dataset, config.batch_size, config.workers, pin_memory=gpu,
+                                             decode_timeout=config.decode_timeout))  # the workers start now; a
+    #   worker's death, or a file over the time limit, costs that file a row, not the run; a stop signal ends the
+    #   batches, and the workers with them
     classifier.start_warm_up()  # nvJPEG's and the model's first calls, about 1.4 s, go by while the workers read
     #   the first batch. Only once the workers have forked: started before, a job hung on an H100, likely a
     #   worker forked while a thread held a lock (CUDA libraries load lazily on first calls)

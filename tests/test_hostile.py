@@ -5,6 +5,8 @@ import json
 import os
 import shutil
 import socket
+import struct
+import time
 from pathlib import Path
 
 import numpy as np
@@ -288,3 +290,50 @@ def test_a_batch_size_that_cannot_fit_in_memory_is_refused_before_any_write_nami
     assert result.returncode == 2, result.stderr
     assert "--batch-size 10000000 needs about" in result.stderr and "or less (or fewer --workers)" in result.stderr
     assert not (tmp_path / "out").exists(), "nothing written"
+
+
+def slow_jpeg(path, side: int = 4096, scans: int = 30000) -> None:
+    """A small progressive grey JPEG that takes a decoder a long time: a side x side frame and one AC scan that
+    skips every block with end-of-band runs, repeated `scans` times. Each repeat costs the decoder a pass over every
+    block (about 2 ms at 4096 here: 30,000 repeats, 1.2 MB, about a minute), and the result is a valid image."""
+    blocks = (side // 8) ** 2
+    assert blocks % 16384 == 0, "runs of 16384 blocks (EOB14, no extra bits) must cover the frame"
+
+    def segment(marker: int, payload: bytes) -> bytes:
+        return bytes([0xFF, marker]) + struct.pack(">H", len(payload) + 2) + payload
+
+    def entropy(bits: str) -> bytes:
+        bits += "1" * (-len(bits) % 8)
+        data = bytes(int(bits[i : i + 8], 2) for i in range(0, len(bits), 8))
+        return data.replace(b"\xff", b"\xff\x00")
+
+    one_symbol = bytes([1] + [0] * 15)  # a Huffman table of one symbol, coded '0'
+    head = [b"\xff\xd8", segment(0xDB, b"\x00" + bytes([1] * 64)),
+            segment(0xC2, struct.pack(">BHHB", 8, side, side, 1) + b"\x01\x11\x00"),  # progressive, 1 component
+            segment(0xC4, b"\x00" + one_symbol + b"\x00"),  # DC: category 0 (no change)
+            segment(0xC4, b"\x10" + one_symbol + b"\xe0"),  # AC: EOB14, a run of 16384 blocks + 14 extra bits
+            segment(0xDA, b"\x01\x01\x00\x00\x00\x00"), entropy("0" * blocks)]  # the DC scan
+    ac_scan = segment(0xDA, b"\x01\x01\x00\x01\x3f\x00") + entropy("0" * 15 * (blocks // 16384))
+    with open(path, "wb") as f:
+        f.write(b"".join(head) + ac_scan * scans + b"\xff\xd9")
+
+
+@pytest.mark.slow
+def test_a_file_that_decodes_too_long_is_an_error_row_and_the_wait_is_logged(tmp_path):
+    """A 1 MB progressive JPEG that takes about a minute to decode (and was an ok row after that minute)."""
+    root = tmp_path / "in"
+    for i in range(6):
+        write_image(root / f"{i}.jpg", i)
+    slow_jpeg(root / "3-slow.jpg")
+    started = time.monotonic()
+
+    result = run_pipeline("classify", str(root), str(tmp_path / "out"), *ROUND2, "--decode-timeout", "2")
+
+    seconds = time.monotonic() - started
+    rows = read_output(tmp_path / "out")
+    assert rows["path"] == ["0.jpg", "1.jpg", "2.jpg", "3-slow.jpg", "3.jpg", "4.jpg", "5.jpg"]
+    assert rows["error"] == [None] * 3 + ["decode timed out: over 2 s"] + [None] * 3
+    assert "3-slow.jpg was still decoding after" in result.stderr
+    assert seconds < 40, f"{seconds:.0f} s: the slow file was decoded to its end, or twice"
+    manifest = json.loads((tmp_path / "out" / "_SUCCESS").read_text())
+    assert manifest["error_counts"] == {"decode timed out": 1}

@@ -35,7 +35,8 @@ def test_every_option_is_either_part_of_the_identity_or_may_change_on_resume():
     assert sorted(identity_options() + resumable_options()) == sorted(fields)
     assert not set(identity_options()) & set(resumable_options())
     assert set(identity_options()) == {"input_dir", "weights", "labels", "precision", "decode", "topk", "seed",
-                                       "logits", "max_image_pixels", "max_file_bytes"}
+                                       "logits", "max_image_pixels", "max_file_bytes",
+                                       "decode_timeout"}
 
 
 def test_the_docs_list_both_kinds_of_option():
@@ -64,6 +65,7 @@ IDENTITY_CHANGES = {
     "logits": lambda base, tmp, labels: {"logits": "float16"},
     "max_image_pixels": lambda base, tmp, labels: {"max_image_pixels": 1000},
     "max_file_bytes": lambda base, tmp, labels: {"max_file_bytes": 1000},
+    "decode_timeout": lambda base, tmp, labels: {"decode_timeout": 5.0},
 }
 RESUMABLE_CHANGES = {
     "output_dir": {"output_dir": Path("elsewhere")}, "device": {"device": "cpu"}, "batch_size": {"batch_size": 3},
