@@ -214,6 +214,9 @@ class _Guard:
                     watch.waiting = False
             if death is not None:
                 raise WorkerDied(death)
+            pinning = getattr(loader, "_pin_memory_thread", None)  # with a timeout, torch no longer checks it
+            if pinning is not None and not pinning.is_alive():
+                raise RuntimeError("Pin memory thread exited unexpectedly")
             busy = clock.busy()
             over = {position: seconds for _, position, seconds in busy if self.limit and seconds > self.limit}
             if over:
