@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.compute as pc
 
-# The `error` column reads "<cause>" or "<cause>: <detail>", the cause being one of these (README lists them).
+# The `error` column reads "<cause>" or "<cause>: <detail>", the cause being one of these (docs/input.md lists them).
 EMPTY = "empty file"
 TRUNCATED = "truncated image"
 CORRUPT = "corrupt image"
@@ -18,13 +18,21 @@ BOMB = "decompression bomb"
 VANISHED = "file vanished"
 BROKEN_LINK = "broken symlink"
 UNREADABLE = "unreadable file"
-BAD_NAME = "file name is not valid UTF-8"
+NOT_REGULAR = "not a regular file"  # a FIFO, socket or device under an image name: never opened
+TOO_LARGE = "file too large"  # more bytes than --max-file-bytes: never read
+TIMED_OUT = "decode timed out"  # a worker decoded it for longer than --decode-timeout: it was killed
 CRASHED = "decoder crashed"
 OUT_OF_MEMORY = "out of memory"
 UNEXPECTED = "unexpected error"
 
 CAUSES = (EMPTY, TRUNCATED, CORRUPT, HTML, XML, TEXT, UNSUPPORTED, MODE, BOMB, VANISHED, BROKEN_LINK, UNREADABLE,
-          BAD_NAME, CRASHED, OUT_OF_MEMORY, UNEXPECTED)
+          NOT_REGULAR, TOO_LARGE, TIMED_OUT, CRASHED, OUT_OF_MEMORY, UNEXPECTED)
+
+# Why a folder below INPUT could not be listed: its files get no rows; the summary and the manifest count it.
+FOLDER_VANISHED = "folder vanished"  # listed in its parent, gone (or no longer a folder) when listed itself
+FOLDER_UNREADABLE = "unreadable folder"  # permission denied, an I/O error
+PATH_TOO_LONG = "path too long"  # longer than the system allows
+FOLDER_CAUSES = (FOLDER_VANISHED, FOLDER_UNREADABLE, PATH_TOO_LONG)
 SEPARATOR = ": "
 
 

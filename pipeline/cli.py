@@ -14,7 +14,9 @@ from pathlib import Path
 import click
 
 from pipeline.config import (
+    DEFAULT_DECODE_TIMEOUT_S,
     DEFAULT_MAX_ERROR_RATE,
+    DEFAULT_MAX_FILE_BYTES,
     DEFAULT_MAX_IMAGE_PIXELS,
     DEFAULT_SHARD_SIZE,
     Config,
@@ -133,6 +135,12 @@ def main() -> None:
 @click.option("--jpeg-draft", is_flag=True,
               help="On the CPU path, decode large JPEGs at reduced scale (Pillow's draft): faster, but the pixels "
                    "are no longer exactly the weights' own transforms (docs/benchmarks.md).")
+@click.option("--max-file-bytes", type=click.IntRange(min=1), default=DEFAULT_MAX_FILE_BYTES, show_default=True,
+              help="Larger files are refused before a byte is read (an error row 'file too large'); with "
+                   "--max-image-pixels it bounds what one file costs a decode worker in memory.")
+@click.option("--decode-timeout", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_DECODE_TIMEOUT_S,
+              show_default=True, help="Seconds a decode worker may spend on one file: past it the worker is killed and "
+                                      "the file is an error row 'decode timed out' (no limit with --workers 0).")
 @click.option("--max-error-rate", type=click.FloatRange(0, 1), default=DEFAULT_MAX_ERROR_RATE, show_default=True,
               help=f"Largest share of error rows that still exits 0; above it every row is still committed but "
                    f"the exit code is {Exit.TOO_MANY_ERRORS.value}.")

@@ -11,6 +11,11 @@ DEFAULT_SHARD_SIZE = 10_000
 DEFAULT_MAX_IMAGE_PIXELS = 178_956_970  # where Pillow refuses by default: 2 x Image.MAX_IMAGE_PIXELS (it only
 #   warns between 1x and 2x); a test keeps the two equal
 DEFAULT_MAX_ERROR_RATE = 0.05
+DEFAULT_DECODE_TIMEOUT_S = 60.0  # a legitimate file decodes in seconds (a 40-megapixel PNG: 2.0 s on this
+#   project's CPU machine, so about 9 s at the pixel limit); a hostile one (a progressive JPEG of thousands of
+#   scans) can take minutes
+DEFAULT_MAX_FILE_BYTES = 512 * 2**20  # an uncompressed 8-bit RGB image at the default pixel limit is about this
+#   size; JPEG metadata, and on a GPU a whole JPEG, is held in memory, so this bounds what a file costs a worker
 
 
 def default_workers() -> int:
@@ -57,6 +62,9 @@ class Config:
     max_image_pixels: int = _option(DEFAULT_MAX_IMAGE_PIXELS, identity=True)  # larger images are error rows
     jpeg_draft: bool = _option(False, identity=True)  # CPU path: decode big JPEGs at reduced scale (Pillow's draft),
     #   faster but no longer the weights' own transforms pixel for pixel (docs/benchmarks.md)
+    max_file_bytes: int = _option(DEFAULT_MAX_FILE_BYTES, identity=True)  # larger files are error rows, never read
+    decode_timeout: float = _option(DEFAULT_DECODE_TIMEOUT_S, identity=True)  # seconds a decode worker may spend on
+    #   one file: past it the worker is killed and the file is an error row (no limit with --workers 0)
     max_error_rate: float = _option(DEFAULT_MAX_ERROR_RATE, identity=False)  # a higher share of error rows: every
     #   row is committed, but the process exits 3 (TOO_MANY_ERRORS) so that cron and Slurm raise an alert
     rank: int | None = _option(None, identity=False)  # --rank: this process's share of the plan is the shards k with

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-import pyarrow.compute as pc
 import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
@@ -19,7 +18,7 @@ from torchvision.transforms import functional as F
 
 from pipeline import causes, stop
 from pipeline.causes import Unusable
-from pipeline.config import DEFAULT_MAX_IMAGE_PIXELS
+from pipeline.config import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
 from pipeline.plan import Plan
 from pipeline.read import failure, open_file, open_image, pixel_limit
 from pipeline.source import LocalFolder
@@ -27,6 +26,8 @@ from pipeline.source import LocalFolder
 _logger = logging.getLogger(__name__)
 
 GPU_MAX_PIXELS = 24_000_000  # larger JPEGs go to Pillow in the workers (nvJPEG's memory and time per image)
+GPU_MAX_SCANS = 64  # a progressive JPEG of more scans goes to Pillow in a worker, where --decode-timeout applies
+#   (encoders write about 10; thousands of repeated scans make a small file decode for minutes)
 ORIENTATION_TAG = 0x0112  # EXIF orientation; nvJPEG ignores it, so rotated files go to Pillow
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited onto white before classification
 MAX_ASPECT = 16  # a longer side beyond 16x the shorter is cut to its centre first: the crop never sees it
@@ -88,13 +89,14 @@ def decode_file(path: Path, preprocess: Preprocess, max_pixels: int = DEFAULT_MA
 
 
 def gpu_decodable(data: bytes) -> bool:
-    """A baseline-or-progressive JPEG nvJPEG can take as is: RGB or grey, upright, complete, not huge.
+    """A baseline-or-progressive JPEG nvJPEG can take as is: RGB or grey, upright, complete, not huge, not a
+    pile of scans.
 
-    Everything else (other formats, CMYK, EXIF-rotated, truncated, over GPU_MAX_PIXELS) is decoded
+    Everything else (other formats, CMYK, EXIF-rotated, truncated, over GPU_MAX_PIXELS or GPU_MAX_SCANS) is decoded
     by Pillow in the worker, so every path meets the same checks and gives the same errors.
     """
-    if not (data[:3] == b"\xff\xd8\xff" and data[-2:] == b"\xff\xd9"):
-        return False
+    if not (data[:3] == b"\xff\xd8\xff" and data[-2:] == b"\xff\xd9") or data.count(b"\xff\xda") > GPU_MAX_SCANS:
+        return False  # 0xFFDA starts a scan: entropy-coded data never holds it (an 0xFF there is followed by 0x00)
     with Image.open(io.BytesIO(data), formats=["JPEG"]) as image:
         return (image.mode in ("RGB", "L") and image.width * image.height <= GPU_MAX_PIXELS
                 and image.getexif().get(ORIENTATION_TAG, 1) == 1)
@@ -185,28 +187,33 @@ class ImageFiles(Dataset):
     """The items of a plan, by position in `indices`; each becomes one Sample."""
 
     def __init__(self, source: LocalFolder, plan: Plan, indices: list[int], preprocess: Preprocess,
-                 gpu_jpeg: bool = False, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, draft: bool = False):
+                 gpu_jpeg: bool = False, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                 max_bytes: int = DEFAULT_MAX_FILE_BYTES, draft: bool = False):
         self.source = source  # lists and opens the items (pipeline.source)
         self.paths = plan.paths  # Arrow: shared by forked workers without copy-on-write growth
-        self.escaped = plan.escaped if plan.escaped is not None and pc.any(plan.escaped).as_py() else None
         self.indices = indices
         self.preprocess = preprocess
         self.gpu_jpeg = gpu_jpeg  # hand plain JPEGs over undecoded, for the GPU
         self.max_pixels = max_pixels
+        self.max_bytes = max_bytes  # larger files are refused before a byte is read
         self.draft = draft  # Pillow's reduced-scale JPEG decoding (--jpeg-draft)
 
     def __len__(self) -> int:
         return len(self.indices)
 
+    def name(self, position: int) -> str:
+        """The item's path, for a log line."""
+        return self.paths[self.indices[position]].as_py()
+
     def __getitem__(self, position: int) -> Sample:
         index = self.indices[position]
-        if self.escaped is not None and self.escaped[index].as_py():
-            return Sample(index, error=str(Unusable(causes.BAD_NAME, "rename it (the path shows its bytes as \\xNN)")))
         try:
-            with self.source.open(self.paths[index].as_py()) as file:
+            with self.source.open(self.paths[index].as_py(), self.max_bytes) as file:
                 if not self.gpu_jpeg:
                     return Sample(index, image=decode_stream(file, self.preprocess, self.max_pixels, self.draft))
-                data = file.read()
+                data = file.read(self.max_bytes + 1)  # a file that grew since it was opened is read no further
+            if len(data) > self.max_bytes:
+                raise Unusable(causes.TOO_LARGE, f"it grew past the limit {self.max_bytes} while read")
             if self._for_the_gpu(data):
                 return Sample(index, encoded=data)
             return Sample(index, image=decode_bytes(data, self.preprocess, self.max_pixels, self.draft))
@@ -260,8 +267,9 @@ def _quiet_worker(worker_id: int) -> None:
 
 
 def make_loader(dataset: Dataset, batch_size: int, workers: int, pin_memory: bool,
-                prefetch: int = PREFETCH) -> DataLoader:
-    """Batches in plan order (no shuffling), pinned for asynchronous copies to the device."""
+                prefetch: int = PREFETCH, timeout: float = 0) -> DataLoader:
+    """Batches in plan order (no shuffling), pinned for asynchronous copies to the device. timeout: waiting longer
+    than this for a batch raises RuntimeError('DataLoader timed out ...'), after which the wait may go on."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -272,4 +280,5 @@ def make_loader(dataset: Dataset, batch_size: int, workers: int, pin_memory: boo
         worker_init_fn=_quiet_worker if workers else None,
         prefetch_factor=prefetch if workers else None,
         persistent_workers=False,
+        timeout=timeout if workers else 0,
     )

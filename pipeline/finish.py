@@ -47,7 +47,8 @@ class Finish:
 
 def manifest(plan: Plan, records: dict[int, dict], run_facts: dict) -> bytes:
     """_SUCCESS: every shard's file, rows, bytes and sha256, the totals, schema version, fingerprints of model and
-    input, and the run's counts. Deterministic: the same records give the same bytes."""
+    input, and the run's counts (rows by status, error rows by cause, folders not listed by cause). Deterministic:
+    the same records give the same bytes."""
     shards = [records[shard] for shard in range(plan.shard_count)]
     counts: Counter[str] = Counter()
     causes: Counter[str] = Counter()
@@ -64,6 +65,7 @@ def manifest(plan: Plan, records: dict[int, dict], run_facts: dict) -> bytes:
         "input_fingerprint": plan.facts.get("input_fingerprint"),  # sha256 of the plan's paths (plan.py)
         "status_counts": dict(sorted(counts.items())),
         "error_counts": dict(sorted(causes.items())),
+        "unlisted_folders": plan.facts.get("unlisted_folders", {}),  # folders below INPUT not listed, by cause
         "shards": shards,
     }
     return json.dumps(content, indent=1, sort_keys=True).encode()

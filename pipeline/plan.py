@@ -22,8 +22,6 @@ class Plan:
     paths: pa.StringArray  # every work item in order; an Arrow array so forked workers share it
     shard_size: int
     facts: dict = field(default_factory=dict)  # the run's identity (pipeline.prepare), run id, created, counts
-    escaped: pa.BooleanArray | None = None  # True where the file name is not valid UTF-8 (path holds \xNN
-    #   escapes: an error row, never read); None when no name needed escaping
 
     @property
     def run_id(self) -> str:
@@ -40,8 +38,7 @@ class Plan:
 
     def to_bytes(self) -> bytes:
         """The plan as an Arrow IPC file, its facts in the schema's metadata."""
-        columns = {"path": self.paths} if self.escaped is None else {"path": self.paths, "escaped": self.escaped}
-        table = pa.table(columns).replace_schema_metadata({_FACTS_KEY: json.dumps(self.facts)})
+        table = pa.table({"path": self.paths}).replace_schema_metadata({_FACTS_KEY: json.dumps(self.facts)})
         sink = pa.BufferOutputStream()
         with pa.ipc.new_file(sink, table.schema) as writer:
             writer.write_table(table)
@@ -52,7 +49,7 @@ def input_fingerprint(paths: list[str]) -> str:
     """sha256 over the plan's paths in order, each UTF-8 encoded and followed by a NUL byte."""
     digest = hashlib.sha256()
     for path in paths:
-        digest.update(path.encode("utf-8", "surrogateescape") + b"\0")
+        digest.update(path.encode("utf-8") + b"\0")
     return digest.hexdigest()
 
 
@@ -64,11 +61,12 @@ def new_plan(listing: Listing, shard_size: int, identity: dict) -> Plan:
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         items=len(listing.paths),
         ignored_files=listing.ignored,
+        unlisted_folders=listing.unlisted,  # folders below INPUT that could not be listed, by cause
+        unlisted_folder_paths=listing.unlisted_paths,  # the first few: path and error
         shard_size=shard_size,
         input_fingerprint=input_fingerprint(listing.paths),
     )
-    escaped = pa.array(listing.escaped, type=pa.bool_()) if listing.escaped else None
-    return Plan(paths=pa.array(listing.paths, type=pa.string()), shard_size=shard_size, facts=facts, escaped=escaped)
+    return Plan(paths=pa.array(listing.paths, type=pa.string()), shard_size=shard_size, facts=facts)
 
 
 def read_facts(path: Path) -> dict:
@@ -82,6 +80,4 @@ def read_plan(path: Path) -> Plan:
     with pa.OSFile(str(path)) as source:
         table = pa.ipc.open_file(source).read_all()
     facts = json.loads(table.schema.metadata[_FACTS_KEY])
-    paths = table.column("path").combine_chunks()
-    escaped = table.column("escaped").combine_chunks() if "escaped" in table.column_names else None
-    return Plan(paths=paths, shard_size=facts["shard_size"], facts=facts, escaped=escaped)
+    return Plan(paths=table.column("path").combine_chunks(), shard_size=facts["shard_size"], facts=facts)

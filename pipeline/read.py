@@ -23,10 +23,14 @@ from pipeline.causes import Unusable
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")  # by content; Pillow may use no other decoder
 
 
-def open_file(path: Path) -> BinaryIO:
-    """The file, open for reading, or Unusable saying why it cannot be read."""
+def open_file(path: Path, max_bytes: int | None = None) -> BinaryIO:
+    """The file, open for reading, or Unusable saying why it cannot be read: anything but a regular file is refused
+    before it is opened (opening a device can act on it), a file of more than max_bytes before a byte is read."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # NONBLOCK: a FIFO must not hang the worker
+        kind = _not_regular(os.stat(path).st_mode)  # follows symlinks
+        if kind is not None:
+            raise _refusal(kind)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # NONBLOCK: a FIFO swapped in since must not hang the worker
     except FileNotFoundError:
         if os.path.islink(path):
             raise Unusable(causes.BROKEN_LINK, f"its target {_link_target(path)} does not exist") from None
@@ -36,12 +40,32 @@ def open_file(path: Path) -> BinaryIO:
             raise Unusable(causes.BROKEN_LINK, "a symlink loop") from None
         raise Unusable(causes.UNREADABLE, error.strerror) from None
     status = os.fstat(fd)
-    if not stat.S_ISREG(status.st_mode) or status.st_size == 0:
+    kind = _not_regular(status.st_mode)
+    if kind is not None or status.st_size == 0 or (max_bytes is not None and status.st_size > max_bytes):
         os.close(fd)
-        if stat.S_ISREG(status.st_mode):
+        if kind is not None:
+            raise _refusal(kind)
+        if status.st_size == 0:
             raise Unusable(causes.EMPTY)
-        raise Unusable(causes.UNREADABLE, "a folder" if stat.S_ISDIR(status.st_mode) else "not a regular file")
+        raise Unusable(causes.TOO_LARGE, f"{status.st_size} bytes > limit {max_bytes}")
     return os.fdopen(fd, "rb")
+
+
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def _not_regular(mode: int) -> str | None:
+    """What a file that is not a regular file is ('a FIFO', ...); None for a regular file."""
+    if stat.S_ISREG(mode):
+        return None
+    return next((kind for test, kind in _KINDS if test(mode)), "not a regular file")
+
+
+def _refusal(kind: str) -> Unusable:
+    """A folder behind an image name is an unreadable file (as it always was); a FIFO, socket or device is not a
+    regular file."""
+    return Unusable(causes.UNREADABLE, kind) if kind == "a folder" else Unusable(causes.NOT_REGULAR, kind)
 
 
 def _link_target(path: Path) -> str:

@@ -37,11 +37,14 @@ class Summary:
     error_counts: dict[str, int] = field(default_factory=dict)  # error rows by cause, whole output
     first_failures: list[tuple[str, str]] = field(default_factory=list)  # (path, error) of the first few
     max_error_rate: float = 1.0
+    unlisted_folders: dict[str, int] = field(default_factory=dict)  # folders below INPUT not listed, by cause
+    unlisted_folder_paths: list[dict] = field(default_factory=list)  # the first few: path and error
 
     def line(self) -> str:
         rate = self.images_this_run / max(self.seconds, 1e-9)
         steady = self.images_this_run / max(self.steady_seconds, 1e-9)
-        return (f"images={self.images} ok={self.ok} errors={self.errors} seconds={self.seconds:.1f} "
+        return (f"images={self.images} ok={self.ok} errors={self.errors} "
+                f"unlisted_folders={sum(self.unlisted_folders.values())} seconds={self.seconds:.1f} "
                 f"img/s={rate:.1f} steady_img/s={steady:.1f} gpu_peak_gib={self.gpu_peak_gib:.2f} "
                 f"(this run: {self.images_this_run} images)")
 
@@ -51,12 +54,18 @@ class Summary:
         return self.errors > self.max_error_rate * self.images
 
     def error_lines(self) -> list[str]:
-        """Counts by cause and the first failed files, for the log."""
-        if not self.errors:
-            return []
-        causes = ", ".join(f"{cause}: {count}" for cause, count in self.error_counts.items())
-        first = "; ".join(f"{path} ({error})" for path, error in self.first_failures)
-        return [f"errors by cause: {causes}", f"first failed files: {first}"]
+        """Counts by cause and the first failed files and folders not listed, for the log."""
+        lines = []
+        if self.errors:
+            causes = ", ".join(f"{cause}: {count}" for cause, count in self.error_counts.items())
+            first = "; ".join(f"{path} ({error})" for path, error in self.first_failures)
+            lines += [f"errors by cause: {causes}", f"first failed files: {first}"]
+        if self.unlisted_folders:
+            causes = ", ".join(f"{cause}: {count}" for cause, count in self.unlisted_folders.items())
+            first = "; ".join(f"{folder['path']} ({folder['error']})" for folder in self.unlisted_folder_paths[:5])
+            lines += [f"folders not listed (their files have no rows), by cause: {causes}",
+                      f"first folders not listed: {first}"]
+        return lines
 
 
 def run(config: Config) -> Summary:
@@ -94,8 +103,9 @@ def _open_plan(config: Config, source: LocalFolder, folder: RunFolder, identity:
 
     saved, planned = folder.open_plan(fresh)  # one process plans, however many start at once
     if planned:
-        _logger.info("planned %d images in %d shards (%d other files ignored), run id %s",
-                     len(saved.paths), saved.shard_count, saved.facts["ignored_files"], saved.run_id)
+        _logger.info("planned %d images in %d shards (%d other files ignored, %d folders not listed), run id %s",
+                     len(saved.paths), saved.shard_count, saved.facts["ignored_files"],
+                     sum(saved.facts["unlisted_folders"].values()), saved.run_id)
         return saved
     check_resume(saved.facts, identity, str(folder.path))
     if config.shard_size not in (None, saved.shard_size):
@@ -119,8 +129,8 @@ def _run_facts(the_plan: Plan, prepared, config: Config) -> dict:
     }
 
 
-def _summary(folder: RunFolder, records: dict[int, dict], total: int, started: float, images_this_run: int,
-             config: Config) -> Summary:
+def _summary(folder: RunFolder, the_plan: Plan, records: dict[int, dict], total: int, started: float,
+             images_this_run: int, config: Config) -> Summary:
     ok = sum(record["status_counts"].get("ok", 0) for record in records.values())
     errors = sum(record["status_counts"].get("error", 0) for record in records.values())
     causes: Counter[str] = Counter()
@@ -129,7 +139,9 @@ def _summary(folder: RunFolder, records: dict[int, dict], total: int, started: f
     first = failures.first_failures(folder.path) if errors else []
     return Summary(total, ok, errors, time.monotonic() - started, images_this_run,
                    error_counts=dict(sorted(causes.items())), first_failures=first,
-                   max_error_rate=config.max_error_rate)
+                   max_error_rate=config.max_error_rate,
+                   unlisted_folders=the_plan.facts.get("unlisted_folders", {}),
+                   unlisted_folder_paths=the_plan.facts.get("unlisted_folder_paths", []))
 
 
 def _finish(folder: RunFolder, the_plan: Plan, rank: ranks.Rank) -> None:
@@ -158,7 +170,7 @@ def _run(config: Config, source: LocalFolder, folder: RunFolder, rank: ranks.Ran
     if not pending:
         _logger.info("nothing to do: all %d shards are committed", len(shards))
         _finish(folder, the_plan, rank)
-        return _summary(folder, records, rows, started, 0, config)
+        return _summary(folder, the_plan, records, rows, started, 0, config)
 
     device = infer.pick_device(prepared.device, rank.local_rank)
     transforms = prepared.model.transforms
@@ -169,10 +181,12 @@ def _run(config: Config, source: LocalFolder, folder: RunFolder, rank: ranks.Ran
                                   prepared.dtype, decoder, classes=prepared.model.classes)
     indices = [index for shard in pending for index in the_plan.shard_range(shard)]
     dataset = testhooks.crashing(decode.ImageFiles(source, the_plan, indices, preprocess, gpu_jpeg=prepared.gpu_jpeg,
-                                                   max_pixels=config.max_image_pixels, draft=config.jpeg_draft))
-    batches = stopping.batches(guard.batches(dataset, config.batch_size, config.workers, pin_memory=gpu))  # the
-    #   workers start now; a worker's death costs its file a row, not the run; a stop signal ends the batches,
-    #   and the workers with them
+                                                   max_pixels=config.max_image_pixels,
+                                                   max_bytes=config.max_file_bytes, draft=config.jpeg_draft))
+    batches = stopping.batches(guard.batches(dataset, config.batch_size, config.workers, pin_memory=gpu,
+                                             decode_timeout=config.decode_timeout))  # the workers start now; a
+    #   worker's death, or a file over the time limit, costs that file a row, not the run; a stop signal ends the
+    #   batches, and the workers with them
     classifier.start_warm_up()  # nvJPEG's and the model's first calls, about 1.4 s, go by while the workers read
     #   the first batch. Only once the workers have forked: started before, a job hung on an H100, likely a
     #   worker forked while a thread held a lock (CUDA libraries load lazily on first calls)
@@ -197,7 +211,7 @@ def _run(config: Config, source: LocalFolder, folder: RunFolder, rank: ranks.Ran
     records.update(writer.committed)
     stopping.check(len(records), len(shards))
     _finish(folder, the_plan, rank)
-    summary = _summary(folder, records, rows, started, progress.images_this_run, config)
+    summary = _summary(folder, the_plan, records, rows, started, progress.images_this_run, config)
     summary.steady_seconds = time.monotonic() - (classifier.first_launch or started)
     _logger.info("waited %.1f s of %.1f s for decoded batches from the workers", reading.seconds,
                  summary.steady_seconds)

@@ -4,15 +4,23 @@ Another source (an object store, a list file) is another class with the same thr
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from pipeline import causes
 from pipeline.config import Refused
 from pipeline.read import open_file
 
+_logger = logging.getLogger(__name__)
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+PATH_ENCODING = "utf-8, \\ as \\\\, other bytes as \\xNN"  # how `path` spells a name's bytes (docs/schema.md)
+LOGGED_FOLDERS = 20  # folders that cannot be listed: each logged and kept in the plan's facts, up to this many
 
 
 class InputError(Refused):
@@ -21,23 +29,40 @@ class InputError(Refused):
 
 @dataclass
 class Listing:
-    paths: list[str]  # image paths relative to the input folder, '/'-separated, sorted
+    paths: list[str]  # image paths relative to the input folder, '/'-separated, encoded (encode_path), sorted
     ignored: int  # files under the folder that are not images by extension
-    escaped: list[bool] | None = None  # per path: its name is not valid UTF-8, so it holds \xNN escapes
+    unlisted: dict[str, int] = field(default_factory=dict)  # folders below the input that could not be listed,
+    #   by cause (causes.FOLDER_CAUSES)
+    unlisted_paths: list[dict] = field(default_factory=list)  # the first LOGGED_FOLDERS of them: path and error
 
 
-def _utf8(relative: str) -> tuple[str, bool]:
-    """The path as valid UTF-8 text: undecodable bytes (surrogate escapes) become \\xNN; True when any did."""
-    try:
-        relative.encode("utf-8")
-        return relative, False
-    except UnicodeEncodeError:
-        return os.fsencode(relative).decode("utf-8", "backslashreplace"), True
+def encode_path(relative: str) -> str:
+    """A relative path (os.fsdecode's text, undecodable bytes as surrogates) as valid UTF-8 text that names exactly
+    one file: every backslash doubled, every byte that is not UTF-8 written \\xNN. decode_path reverses it."""
+    return _RAW_BYTE.sub(lambda m: f"\\x{ord(m.group()) - 0xDC00:02x}", relative.replace("\\", "\\\\"))
+
+
+def decode_path(path: str) -> str:
+    """The file system's name (os.fsdecode's text) of an encoded path."""
+    return os.fsdecode(_ESCAPE.sub(lambda m: "\\" if m.group(1) == "\\" else chr(0xDC00 + int(m.group(1)[1:], 16)),
+                                   path).encode("utf-8", "surrogateescape"))
+
+
+_RAW_BYTE = re.compile("[\udc80-\udcff]")  # how os.fsdecode spells a byte that is not UTF-8
+_ESCAPE = re.compile(r"\\(\\|x[0-9a-f]{2})")
+
+
+def _folder_cause(error: OSError) -> str:
+    if error.errno in (errno.ENOENT, errno.ENOTDIR):
+        return causes.FOLDER_VANISHED
+    if error.errno == errno.ENAMETOOLONG:
+        return causes.PATH_TOO_LONG
+    return causes.FOLDER_UNREADABLE
 
 
 @dataclass(frozen=True)
 class LocalFolder:
-    """Every image-named regular file or symlink under a folder, recursively."""
+    """Every image-named entry under a folder, recursively, following symlinked folders once each."""
 
     root: Path
 
@@ -60,40 +85,100 @@ class LocalFolder:
         return str(self.root.resolve())
 
     def list(self) -> Listing:
-        """The sorted listing; InputError when it holds no image."""
+        """The sorted listing; InputError when INPUT itself cannot be listed or holds no image. A folder below it
+        that cannot be listed (vanished, unreadable, its path too long) is logged and counted, and listing goes on."""
         self.check()
-        paths: list[tuple[str, bool]] = []
-        ignored = 0
-        pending = [""]
-        while pending:
-            relative_dir = pending.pop()
-            with self._scandir(relative_dir) as entries:
-                for entry in entries:
-                    relative = f"{relative_dir}/{entry.name}" if relative_dir else entry.name
-                    if entry.is_dir(follow_symlinks=False):
-                        pending.append(relative)
-                    elif not (entry.is_file(follow_symlinks=False) or entry.is_symlink()):
-                        ignored += 1  # fifos, sockets, devices
-                    elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
-                        paths.append(_utf8(relative))
-                    else:
-                        ignored += 1
-        paths.sort()
-        if not paths:
+        walk = _Walk(self.root)
+        walk.run()
+        listing = Listing(sorted(encode_path(path) for path in walk.items), walk.ignored,
+                          dict(sorted(walk.unlisted.items())), walk.unlisted_paths)
+        if not listing.paths:
             extensions = " ".join(sorted(IMAGE_EXTENSIONS))
-            raise InputError(f"found 0 images under {self.root} ({ignored} other files ignored); "
+            unlisted = sum(listing.unlisted.values())
+            not_listed = f", {unlisted} folders could not be listed (see the log)" if unlisted else ""
+            raise InputError(f"found 0 images under {self.root} ({listing.ignored} other files ignored{not_listed}); "
                              f"image extensions are: {extensions} (any case)")
-        escaped = [bad for _, bad in paths]
-        return Listing(paths=[path for path, _ in paths], ignored=ignored, escaped=escaped if any(escaped) else None)
+        return listing
 
-    def _scandir(self, relative_dir: str):
+    def open(self, path: str, max_bytes: int | None = None) -> BinaryIO:
+        """One listed item (its encoded path), open for reading, or causes.Unusable saying why it cannot be read
+        (more than max_bytes: too large)."""
+        return open_file(self.root / decode_path(path), max_bytes)
+
+
+class _Walk:
+    """One listing of a folder tree. Real subfolders are listed first; symlinked folders after them, in name order,
+    each only if its target was not listed already (a loop, or a second way to a folder), so every folder is listed
+    once, under its real path when that lies inside the input."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.items: list[str] = []  # relative paths as os.fsdecode spells them
+        self.ignored = 0
+        self.unlisted: dict[str, int] = {}
+        self.unlisted_paths: list[dict] = []
+        self.listed: dict[tuple[int, int], str] = {}  # (st_dev, st_ino) of each folder listed -> its relative path
+        self.linked: list[str] = []  # symlinked folders found, not yet listed
+
+    def run(self) -> None:
+        folders = [""]
+        while folders or self.linked:
+            if not folders:
+                self.linked.sort(reverse=True)
+                folders.append(self.linked.pop())
+            self._list(folders.pop(), folders)
+
+    def _list(self, relative_dir: str, folders: list[str]) -> None:
         folder = self.root / relative_dir
         try:
-            return os.scandir(folder)
+            status = os.stat(folder)
+            where = self.listed.setdefault((status.st_dev, status.st_ino), relative_dir)
+            if where != relative_dir:
+                _logger.warning("%s is a symlink to a folder listed already (%s): not listed again",
+                                encode_path(relative_dir), encode_path(where) or "INPUT")
+                return
+            with os.scandir(folder) as entries:
+                found = [self._sort(entry, relative_dir) for entry in entries]
         except OSError as error:
-            raise InputError(f"cannot list folder {folder} ({error.strerror}): make it readable by this user, "
-                             "or move it out of the input folder") from error
+            if not relative_dir:
+                raise InputError(f"cannot list input folder {self.root} ({error.strerror}): make it readable by this "
+                                 "user") from error
+            self._not_listed(relative_dir, error)
+            return
+        for kind, relative in found:
+            if kind == "folder":
+                folders.append(relative)
+            elif kind == "link":
+                self.linked.append(relative)
+            elif kind == "item":
+                self.items.append(relative)
+            elif kind == "ignored":
+                self.ignored += 1
 
-    def open(self, relative: str) -> BinaryIO:
-        """One listed item, open for reading, or causes.Unusable saying why it cannot be read."""
-        return open_file(self.root / relative)
+    def _sort(self, entry: os.DirEntry, relative_dir: str) -> tuple[str, str]:
+        """What an entry is: a folder, a symlinked folder, an item (any image-named entry that is not a folder:
+        a file, a symlink to anything, a FIFO, socket or device), ignored, or gone (vanished while listed)."""
+        relative = f"{relative_dir}/{entry.name}" if relative_dir else entry.name
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                return "folder", relative
+            if os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+                return "item", relative
+            if entry.is_symlink() and entry.is_dir():
+                return "link", relative
+        except FileNotFoundError:
+            return "gone", relative
+        except OSError:  # a symlink whose target cannot be looked at: not a folder to list
+            pass
+        return "ignored", relative
+
+    def _not_listed(self, relative_dir: str, error: OSError) -> None:
+        cause = _folder_cause(error)
+        self.unlisted[cause] = self.unlisted.get(cause, 0) + 1
+        text = str(causes.Unusable(cause, error.strerror))
+        if len(self.unlisted_paths) < LOGGED_FOLDERS:
+            self.unlisted_paths.append({"path": encode_path(relative_dir), "error": text})
+            _logger.warning("cannot list folder %s (%s): its files get no rows; the run goes on",
+                            encode_path(relative_dir), text)
+        elif len(self.unlisted_paths) == LOGGED_FOLDERS and sum(self.unlisted.values()) == LOGGED_FOLDERS + 1:
+            _logger.warning("more folders cannot be listed: counted, not logged one by one")

@@ -6,13 +6,15 @@ import logging
 import multiprocessing
 import signal
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 _logger = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # Slurm preemption/time limit, Ctrl-C, --signal=USR1
-WORKER_GRACE_S = 5.0  # how long a decode worker may take to finish its item before it is killed
+WORKER_GRACE_S = 5.0  # how long decode workers still alive after their loader's shutdown may take, all together,
+#   before they are killed
 
 
 class Interrupted(BaseException):
@@ -23,11 +25,13 @@ class Interrupted(BaseException):
 
 class Stop:
     """What the signal handlers set: before classification begins a signal ends the run at once (nothing is being
-    committed); once batches flow it only asks the loop to stop taking new ones."""
+    committed); once batches flow it asks the loop to stop taking new ones, and when the loop is waiting for the
+    next batch (the workers may be deep in a slow file) it ends the wait at once."""
 
     def __init__(self):
         self.signal: signal.Signals | None = None
         self.immediate = True
+        self.waiting = False  # the loop is waiting for its next batch (Batches.__next__)
         self._sources: list[Batches] = []
 
     @property
@@ -39,6 +43,10 @@ class Stop:
             self.signal = signal.Signals(number)
         if self.immediate:
             raise Interrupted(f"interrupted by {self.signal.name} before classification began")
+        if self.waiting:  # the main thread only waits: as the run unwinds, the writer commits the whole shards in
+            self.waiting = False  # flight, and the workers are killed (their batches are not wanted)
+            raise Interrupted(f"interrupted by {self.signal.name} while waiting for decoded images: committed "
+                              "shards are kept (nothing partial is visible); resume by running the same command")
 
     def batches(self, source: Iterable) -> Batches:
         """source's batches until a stop is requested; its workers end with the run, however the run ends."""
@@ -76,7 +84,11 @@ class Batches:
             self.close()
         if self.source is None:
             raise StopIteration
-        return next(self.source)
+        self.stop.waiting = True
+        try:
+            return next(self.source)
+        finally:
+            self.stop.waiting = False
 
     def close(self) -> None:
         """End the source now: a generator is closed (its DataLoaders shut their workers down), a DataLoader
@@ -90,8 +102,9 @@ class Batches:
             except Exception as error:  # never hide the error that may be ending the run
                 _logger.warning("shutting the decode workers down: %s: %s", type(error).__name__, error)
         del source  # the last reference: a DataLoader iterator not yet started is shut down by its __del__
+        deadline = time.monotonic() + WORKER_GRACE_S
         for child in multiprocessing.active_children():
-            child.join(WORKER_GRACE_S)
+            child.join(max(0.0, deadline - time.monotonic()))
             if child.is_alive():  # a worker busy past the grace: it ignores SIGTERM, so kill it
                 _logger.warning("decode worker %d did not exit in %.0f s: killing it", child.pid, WORKER_GRACE_S)
                 child.kill()

@@ -73,6 +73,9 @@ class _Crashing:
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def name(self, position: int) -> str:
+        return self.dataset.name(position)
+
     def __getitem__(self, position: int):
         name = PurePosixPath(self.dataset.paths[self.dataset.indices[position]].as_py()).name
         from torch.utils.data import get_worker_info

@@ -140,7 +140,7 @@ def test_files_that_cannot_be_read_get_their_cause(tmp_path):
     assert _error_of(tmp_path / "dangling.jpg") == f"broken symlink: its target {tmp_path / 'gone.jpg'} does not exist"
     assert _error_of(tmp_path / "loop-a.jpg") == "broken symlink: a symlink loop"
     assert _error_of(tmp_path / "folder.jpg") == "unreadable file: a folder"
-    assert _error_of(tmp_path / "fifo.jpg") == "unreadable file: not a regular file"
+    assert _error_of(tmp_path / "fifo.jpg") == "not a regular file: a FIFO"
     assert _error_of(tmp_path / "never-there.jpg") == "file vanished: it was listed but is no longer there"
 
 
@@ -348,13 +348,24 @@ def test_big_jpegs_decoded_at_reduced_scale_keep_the_logits(tmp_path):
     assert torch.nn.functional.cosine_similarity(logits[0], logits[1], dim=0) >= 0.999
 
 
-def test_a_name_that_is_not_utf8_is_an_error_row_and_never_read(tmp_path):
-    with open(os.fsencode(tmp_path) + b"/caf\xe9.png", "wb") as f:
-        f.write(b"\x89PNG not really")  # were it read, it would be a corrupt image
+def test_a_name_that_is_not_utf8_is_read_under_its_escaped_path(tmp_path):
     write_image(tmp_path / "d.png", 0)
+    os.rename(tmp_path / "d.png", os.fsencode(tmp_path) + b"/caf\xe9.png")
+    (tmp_path / "caf\\xe9.png").write_bytes(b"\x89PNG not really")  # its escaped spelling, a name of its own
     plan = new_plan(LocalFolder(tmp_path).list(), 10, {})
     dataset = ImageFiles(LocalFolder(tmp_path), plan, [0, 1], PREPROCESS)
 
-    assert plan.paths.to_pylist() == ["caf\\xe9.png", "d.png"]
-    assert dataset[0] == Sample(0, error="file name is not valid UTF-8: rename it (the path shows its bytes as \\xNN)")
-    assert dataset[1].error is None
+    assert plan.paths.to_pylist() == ["caf\\\\xe9.png", "caf\\xe9.png"]
+    assert dataset[0].error.startswith("unsupported format") and dataset[1].error is None
+
+
+def test_a_file_over_max_bytes_is_refused_before_it_is_read(tmp_path):
+    path = write_image(tmp_path / "a.png", 0)
+    size = path.stat().st_size
+    plan = new_plan(LocalFolder(tmp_path).list(), 10, {})
+
+    assert ImageFiles(LocalFolder(tmp_path), plan, [0], PREPROCESS, max_bytes=size)[0].error is None
+    refused = ImageFiles(LocalFolder(tmp_path), plan, [0], PREPROCESS, max_bytes=size - 1)[0]
+    assert refused == Sample(0, error=f"file too large: {size} bytes > limit {size - 1}")
+    gpu = ImageFiles(LocalFolder(tmp_path), plan, [0], PREPROCESS, gpu_jpeg=True, max_bytes=size - 1)[0]
+    assert gpu.error == refused.error

@@ -16,6 +16,7 @@ from pipeline.model import load
 from pipeline.plan import new_plan
 from pipeline.source import LocalFolder
 from tests.conftest import make_corpus, run_pipeline, write_image
+from tests.test_hostile import slow_jpeg
 
 TRANSFORMS = ResNet18_Weights.IMAGENET1K_V1.transforms()
 PREPROCESS = Preprocess.from_transforms(TRANSFORMS)
@@ -41,6 +42,10 @@ def test_only_plain_upright_complete_jpegs_are_left_to_the_gpu(tmp_path):
     assert not gpu_decodable(plain[: len(plain) // 2]), "a truncated JPEG goes to Pillow, which reports it"
     assert not gpu_decodable(cmyk) and not gpu_decodable(png)
     assert not gpu_decodable((tmp_path / "rotated.jpg").read_bytes())
+    progressive = write_image(tmp_path / "progressive.jpg", 4, size=(120, 90), progressive=True).read_bytes()
+    slow_jpeg(tmp_path / "slow.jpg", side=1024, scans=100)
+    assert gpu_decodable(progressive), "an encoder's handful of scans"
+    assert not gpu_decodable((tmp_path / "slow.jpg").read_bytes()), "a pile of scans goes where the time limit is"
 
 
 def test_gpu_path_images_agree_with_pillow_and_bad_files_fail_alone(tmp_path):

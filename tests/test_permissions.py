@@ -4,6 +4,7 @@ Root reads everything, and CI runs the tests as root; so as root the job runs as
 util-linux's setpriv, and otherwise as the current user.
 """
 
+import json
 import os
 import shutil
 import subprocess
@@ -62,7 +63,7 @@ def test_a_file_the_user_may_not_read_is_an_error_row_and_the_others_are_classif
     assert rows[0]["label"] is not None and rows[1]["label"] is None
 
 
-def test_a_folder_the_user_may_not_list_stops_the_job_before_it_starts_naming_the_fix(open_dir):
+def test_a_folder_the_user_may_not_list_is_logged_and_counted_and_the_others_are_classified(open_dir):
     images = open_dir / "in"
     (images / "locked").mkdir(parents=True)
     write_image(images / "a.jpg", 0)
@@ -71,7 +72,21 @@ def test_a_folder_the_user_may_not_list_stops_the_job_before_it_starts_naming_th
 
     result = _classify(images, open_dir / "out")
 
+    assert result.returncode == 0, result.stderr
+    assert "cannot list folder locked (unreadable folder: Permission denied): its files get no rows" in result.stderr
+    rows = ds.dataset(str(open_dir / "out"), format="parquet").to_table().to_pylist()
+    assert [(row["path"], row["status"]) for row in rows] == [("a.jpg", "ok")]
+    manifest = json.loads((open_dir / "out" / "_SUCCESS").read_text())
+    assert manifest["unlisted_folders"] == {"unreadable folder": 1}
+
+
+def test_an_input_the_user_may_not_list_stops_the_job_before_it_starts_naming_the_fix(open_dir):
+    images = open_dir / "in"
+    write_image(images / "a.jpg", 0)
+    images.chmod(0o000)
+
+    result = _classify(images, open_dir / "out")
+
     assert result.returncode == 2, result.stderr
-    assert f"cannot list folder {images / 'locked'} (Permission denied)" in result.stderr
-    assert "make it readable by this user, or move it out of the input folder" in result.stderr
-    assert not list((open_dir / "out").glob("*.parquet")), "nothing is written for a partial listing"
+    assert f"{images}' is not readable" in result.stderr  # click's check, before the job's own
+    assert not (open_dir / "out").exists(), "nothing is written"

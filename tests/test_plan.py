@@ -47,13 +47,14 @@ def test_plan_facts_carry_an_input_fingerprint_and_load_without_the_paths(tmp_pa
     assert RunFolder(tmp_path).load_facts() == plan.facts
 
 
-def test_a_plan_without_escaped_names_stores_no_escaped_column(tmp_path):
-    write_image(tmp_path / "in" / "a.png", 0)
-    plan = new_plan(LocalFolder(tmp_path / "in").list(), 2, {})
-    assert plan.escaped is None
-    (tmp_path / "out").mkdir()
-    RunFolder(tmp_path / "out").open_plan(lambda: plan)
-    assert RunFolder(tmp_path / "out").load_plan().escaped is None
+def test_folders_that_could_not_be_listed_are_in_the_plans_facts(tmp_path):
+    listing = Listing(["a.png"], 2, {"folder vanished": 1},
+                      [{"path": "upload_00067", "error": "folder vanished: No such file or directory"}])
+    plan = new_plan(listing, 2, {})
+    RunFolder(tmp_path).open_plan(lambda: plan)
+    facts = RunFolder(tmp_path).load_plan().facts
+    assert facts["unlisted_folders"] == {"folder vanished": 1} and facts["ignored_files"] == 2
+    assert facts["unlisted_folder_paths"] == listing.unlisted_paths
 
 
 # Each racer gets past its imports, says so, and spins until the go file appears: then all of them open the output

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pipeline import prepare
-from pipeline.config import Config, identity_options, resumable_options
+from pipeline.config import Config, Refused, identity_options, resumable_options
 from pipeline.source import LocalFolder
 from tests.conftest import REPO, run_pipeline, seeded_state_dict
 
@@ -28,7 +28,8 @@ def test_every_option_is_either_part_of_the_identity_or_may_change_on_resume():
     assert sorted(identity_options() + resumable_options()) == sorted(fields)
     assert not set(identity_options()) & set(resumable_options())
     assert set(identity_options()) == {"input_dir", "model", "weights", "labels", "precision", "decode", "topk",
-                                       "seed", "logits", "max_image_pixels", "jpeg_draft"}
+                                       "seed", "logits", "max_image_pixels", "jpeg_draft", "max_file_bytes",
+                                       "decode_timeout"}
 
 
 def test_the_docs_list_both_kinds_of_option():
@@ -58,6 +59,8 @@ IDENTITY_CHANGES = {
     "max_image_pixels": lambda base, tmp, labels: {"max_image_pixels": 1000},
     "model": lambda base, tmp, labels: {"model": "mobilenet_v3_small"},
     "jpeg_draft": lambda base, tmp, labels: {"jpeg_draft": True},
+    "max_file_bytes": lambda base, tmp, labels: {"max_file_bytes": 1000},
+    "decode_timeout": lambda base, tmp, labels: {"decode_timeout": 5.0},
 }
 RESUMABLE_CHANGES = {
     "output_dir": {"output_dir": Path("elsewhere")}, "device": {"device": "cpu"}, "batch_size": {"batch_size": 3},
@@ -138,3 +141,21 @@ def test_a_resume_may_change_every_other_option(unfinished, tmp_path, six_images
                  "--batch-size", "3", "--shard-size", "5", "--progress", "log", "--max-error-rate", "0.9",
                  "--rank", "0", "--world-size", "1")
     assert run_pipeline("verify", str(out)).returncode == 0
+
+
+def test_a_batch_size_is_refused_when_its_batches_in_flight_do_not_fit_naming_the_largest_that_does(images):
+    config = Config(images, Path("out"), weights="random", device="cpu", workers=2, batch_size=100_000)
+    built = prepare.model.load("random", 0, None)
+    per_image, in_flight = prepare.batch_bytes(config, built, "cpu")
+    assert in_flight == 2 * 4 + 3 and per_image == 3 * 224 * 224 * in_flight + 7 * 2**20
+    available = 8 * 2**30
+    fits = (available - prepare.PROCESS_BYTES) // per_image
+
+    with pytest.raises(Refused, match=rf"--batch-size 100000 needs about .* GiB .* 8.0 GiB is available here .*: "
+                                      rf"use --batch-size {fits} or less \(or fewer --workers\)"):
+        prepare.check_batch_memory(config, built, "cpu", available)
+    prepare.check_batch_memory(dataclasses.replace(config, batch_size=fits), built, "cpu", available)
+    with pytest.raises(Refused):
+        prepare.check_batch_memory(dataclasses.replace(config, batch_size=fits + 1), built, "cpu", available)
+    prepare.check_batch_memory(config, built, "cpu", None)  # nothing known: nothing refused
+    assert prepare.host_memory_available() > 0

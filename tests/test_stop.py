@@ -17,7 +17,8 @@ from pipeline import decode, guard, stop
 from pipeline.decode import Sample
 from pipeline.verify import Check, verify_output
 from scripts.kill_loop import RUN_COLUMNS
-from tests.conftest import REPO, make_corpus, run_pipeline
+from tests.conftest import REPO, make_corpus, run_pipeline, write_image
+from tests.test_hostile import slow_jpeg
 
 OPTIONS = ["--weights", "random", "--device", "cpu", "--batch-size", "4", "--shard-size", "8", "--workers", "2",
            "--progress", "log"]
@@ -177,3 +178,36 @@ def test_sigint_and_sigusr1_stop_the_run_too(tmp_path, number, moment):
     assert all(table.num_rows == 8 for table in visible_tables(out).values()) and len(visible_tables(out)) < 3
     if moment == "planning":
         assert not (out / "_plan.arrow").exists() and seconds < 5, "the 20 s pause was cut short"
+
+
+@pytest.mark.slow
+def test_sigterm_while_the_workers_decode_slow_files_ends_the_run_within_seconds(tmp_path):
+    """Both workers deep in files that take a minute each: the wait for their batches ends at the signal, the
+    workers are killed, and the run exits 75 in seconds, inside Slurm's 30 s KillWait."""
+    root = tmp_path / "in"
+    for i in (1, 3):
+        write_image(root / f"a{i}.jpg", i, size=(40, 32))
+    slow_jpeg(root / "a0-slow.jpg")  # batch 0, worker 0
+    slow_jpeg(root / "a2-slow.jpg")  # batch 1, worker 1
+    out, log = tmp_path / "out", tmp_path / "run.log"
+    with open(log, "wb") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "pipeline", "classify", str(root), str(out), "--weights",
+                                    "random", "--device", "cpu", "--batch-size", "2", "--workers", "2", "--progress",
+                                    "log"], env={**os.environ, "PYTHONPATH": str(REPO)}, stderr=stderr,
+                                   start_new_session=True)
+    try:
+        wait_for(lambda: b"classifying 4 images" in log.read_bytes(), process, "classification began")
+        time.sleep(3)  # the workers are decoding the slow files now
+
+        seconds = signal_group_and_time_exit(process, signal.SIGTERM)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+    print(f"exit {process.returncode} {seconds:.2f} s after SIGTERM")
+    assert process.returncode == 75, log.read_text()
+    assert "interrupted by SIGTERM while waiting for decoded images" in log.read_text()
+    assert seconds < 10
+    assert group_members(process.pid) == [], "decode workers outlived the run"
+    assert not list(out.glob("*.parquet")) and not list(out.rglob(".*.tmp"))
