@@ -9,7 +9,7 @@ handler from before is put back; PyTorch installs its own only once per process,
 guarded loader on, other loaders of this process rely on that liveness check alone.
 
 How a file that decodes too long is noticed: each worker notes in shared memory which item it is on since when
-(_Clock). The wait for a batch looks every POLL_S; a worker on one item for longer than the decode time limit is
+(Clock). The wait for a batch looks every POLL_S; a worker on one item for longer than the decode time limit is
 killed, and that item is remembered as timed out: from there on it is a death like any other, except that the
 timed-out item is not decoded again (it gets its error row). A wait longer than SLOW_WAIT_S is logged with what
 the workers are decoding.
@@ -18,32 +18,22 @@ the workers are decoding.
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
 import signal
-import threading
 import time
 from collections.abc import Iterator
 
-from torch.utils.data import Dataset, Subset, get_worker_info
+from torch.utils.data import Dataset, Subset
 
 from pipeline import causes
 from pipeline.causes import Unusable
 from pipeline.decode import PREFETCH, Batch, Sample, collate, join, make_loader
+from pipeline.watch import ChildWatch, Clock, Timed, WorkerDied, is_death, wait_for_bad_end
 
 _logger = logging.getLogger(__name__)
 
 POLL_S = 1.0  # how often the wait for a batch looks at what the workers are decoding
 SLOW_WAIT_S = 15.0  # a wait for a batch longer than this is logged (and again every SLOW_WAIT_S)
-
-
-class WorkerDied(Exception):
-    """A decode worker died; str() says how, e.g. 'killed by SIGSEGV'; timed_out: the items (positions) it was
-    killed for, with how long they had been decoding."""
-
-    def __init__(self, how: str, timed_out: dict[int, float] | None = None):
-        super().__init__(how)
-        self.timed_out = timed_out or {}
 
 
 def batches(dataset: Dataset, batch_size: int, workers: int, pin_memory: bool,
@@ -159,11 +149,11 @@ class _Guard:
                 prefetch: int = PREFETCH) -> Iterator[Batch]:
         """A loader's batches of the items at positions; its workers start now. A worker's death, or an item over the
         time limit, raises WorkerDied in the iteration, between batches, and nowhere else."""
-        clock = _Clock(workers)
-        watch = _ChildWatch()
+        clock = Clock(workers)
+        watch = ChildWatch()
         previous = watch.install()
         try:
-            loader = iter(make_loader(Subset(_Timed(self.dataset, clock), positions), batch_size, workers, pin_memory,
+            loader = iter(make_loader(Subset(Timed(self.dataset, clock), positions), batch_size, workers, pin_memory,
                                       prefetch, timeout=POLL_S))
         except BaseException:
             watch.uninstall(previous)
@@ -171,7 +161,7 @@ class _Guard:
         watch.install()  # again: PyTorch puts its own handler in place when its first loader starts
         return self._drain(loader, watch, previous, clock)
 
-    def _drain(self, loader: Iterator[Batch], watch: _ChildWatch, previous, clock: _Clock) -> Iterator[Batch]:
+    def _drain(self, loader: Iterator[Batch], watch: ChildWatch, previous, clock: Clock) -> Iterator[Batch]:
         ended = False
         try:
             try:
@@ -193,7 +183,7 @@ class _Guard:
         finally:
             watch.uninstall(previous)
 
-    def _next(self, loader: Iterator[Batch], watch: _ChildWatch, clock: _Clock) -> Batch | None:
+    def _next(self, loader: Iterator[Batch], watch: ChildWatch, clock: Clock) -> Batch | None:
         """The loader's next batch, None at its end; WorkerDied when a worker died or an item took too long."""
         waiting_since = time.monotonic()
         logged = 0
@@ -207,9 +197,9 @@ class _Guard:
                     return None
                 except Exception as error:
                     if not str(error).startswith("DataLoader timed out"):  # POLL_S went by: look at the workers
-                        if not _is_death(error, watch):
+                        if not is_death(error, watch):
                             raise
-                        death = watch.death or _wait_for_bad_end() or f"lost ({type(error).__name__}: {error})"
+                        death = watch.death or wait_for_bad_end() or f"lost ({type(error).__name__}: {error})"
                 finally:
                     watch.waiting = False
             if death is not None:
@@ -231,108 +221,3 @@ class _Guard:
                                      for _, position, seconds in sorted(busy, key=lambda item: -item[2])[:4])
                 _logger.warning("waited %.0f s for the next decoded batch; the workers are decoding: %s (time limit "
                                 "%s)", waited, decoding or "nothing", f"{self.limit:g} s" if self.limit else "none")
-
-
-class _Clock:
-    """Which item each worker of a loader is decoding, since when: shared memory that the workers write (through
-    _Timed) and the main process reads. Three doubles a worker: pid, position, start (monotonic; 0: idle)."""
-
-    def __init__(self, workers: int):
-        self.slots = multiprocessing.RawArray("d", 3 * workers)
-
-    def start(self, worker: int, position: int) -> None:
-        base = 3 * worker
-        self.slots[base + 2] = 0.0  # idle while the other two change
-        self.slots[base], self.slots[base + 1] = os.getpid(), position
-        self.slots[base + 2] = time.monotonic()  # CLOCK_MONOTONIC: the same clock in every process
-
-    def stop(self, worker: int) -> None:
-        self.slots[3 * worker + 2] = 0.0
-
-    def busy(self) -> list[tuple[int, int, float]]:
-        """(pid, position, seconds) of each worker decoding an item now."""
-        now, found = time.monotonic(), []
-        for base in range(0, len(self.slots), 3):
-            pid, position, started = self.slots[base : base + 3]
-            if started > 0 and pid > 0:
-                found.append((int(pid), int(position), now - started))
-        return found
-
-
-class _Timed(Dataset):
-    """The dataset, each item's decoding noted on the clock while a worker is on it."""
-
-    def __init__(self, dataset: Dataset, clock: _Clock):
-        self.dataset, self.clock = dataset, clock
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, position: int):
-        worker = get_worker_info()
-        if worker is None:
-            return self.dataset[position]
-        self.clock.start(worker.id, position)
-        try:
-            return self.dataset[position]
-        finally:
-            self.clock.stop(worker.id)
-
-
-def _is_death(error: Exception, watch: _ChildWatch) -> bool:
-    """Whether next(loader) failed because a worker died: seen by our handler, by the DataLoader's liveness check,
-    or as a broken transfer (a batch a worker had sent is passed by file descriptor, which dies with it)."""
-    return (watch.death is not None or isinstance(error, (WorkerDied, EOFError, OSError))
-            or (isinstance(error, RuntimeError) and "DataLoader worker" in str(error)))
-
-
-def _wait_for_bad_end(seconds: float = 2.0) -> str | None:
-    """How a child died, waiting a moment: a broken transfer can be seen before the dying worker is a zombie."""
-    deadline = time.monotonic() + seconds
-    while (how := _bad_end_of_a_child()) is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return how
-
-
-class _ChildWatch:
-    """SIGCHLD handler: notes a child that ended badly; raises it only while the loop waits in next()."""
-
-    def __init__(self):
-        self.death: str | None = None
-        self.waiting = False
-        self.installed = False
-
-    def install(self):
-        """Handle SIGCHLD from now on; returns the handler it replaces."""
-        if threading.current_thread() is not threading.main_thread() or not hasattr(os, "waitid"):
-            return None  # then the DataLoader's own liveness check finds deaths
-        self.installed = True
-        return signal.signal(signal.SIGCHLD, self)
-
-    def uninstall(self, previous) -> None:
-        if self.installed:
-            signal.signal(signal.SIGCHLD, previous if previous is not None else signal.SIG_DFL)
-
-    def __call__(self, signum, frame) -> None:
-        how = _bad_end_of_a_child()
-        if how is None:
-            return
-        self.death = how
-        if self.waiting:
-            raise WorkerDied(how)
-
-
-def _bad_end_of_a_child() -> str | None:
-    """How an ended child process died, if it did not exit cleanly; it stays unreaped for its owner."""
-    try:
-        info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-    except ChildProcessError:
-        return None
-    if info is None or (info.si_code == os.CLD_EXITED and info.si_status == 0):
-        return None
-    if info.si_code == os.CLD_EXITED:
-        return f"exited with status {info.si_status}"
-    try:
-        return f"killed by {signal.Signals(info.si_status).name}"
-    except ValueError:
-        return f"killed by signal {info.si_status}"

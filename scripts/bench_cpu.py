@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
-"""CPU benchmark (issue 2): the whole job's throughput against the bare model's forward throughput.
+"""CPU benchmark: the whole job's throughput against the bare model's forward throughput.
 
-    PYTHONPATH=. python scripts/bench_cpu.py --images 600 --batch-size 64
+    PYTHONPATH=. python scripts/bench_cpu.py --images 600 --batch-size 64 [--model resnet50]
 
 The job is a whole process (`python -m pipeline classify`, start-up, decoding, writing and
-committing included) over JPEG photos of ImageNet-like size; the bare model is ResNet18's
-forward on random tensors at the same batch size in this process. Prints both and their ratio.
+committing included) over JPEG photos of ImageNet-like size; the bare model is the same model's
+forward on random tensors of its crop size at the same batch size in this process. Prints both and their ratio.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from repo_env import REPO, repo_env
 from synthetic import write_image
-from torchvision.models import resnet18
+from torchvision.models import get_model, get_model_weights
 
 
 def make_photos(folder: Path, count: int) -> None:
@@ -37,9 +37,10 @@ def make_photos(folder: Path, count: int) -> None:
         write_image(folder / f"{i // 100:03d}" / f"{i:05d}.jpg", i, size=(500, 375), quality=90)
 
 
-def bare_model(batch_size: int, images: int) -> float:
-    model = resnet18().eval()
-    x = torch.randn(batch_size, 3, 224, 224)
+def bare_model(architecture: str, batch_size: int, images: int) -> float:
+    model = get_model(architecture, weights=None).eval()
+    size = get_model_weights(architecture).DEFAULT.transforms().crop_size[0]
+    x = torch.randn(batch_size, 3, size, size)
     with torch.inference_mode():
         model(x)  # warm-up
         started = time.perf_counter()
@@ -50,12 +51,13 @@ def bare_model(batch_size: int, images: int) -> float:
     return done / (time.perf_counter() - started)
 
 
-def whole_job(folder: Path, out: Path, batch_size: int, workers: int) -> tuple[float, str]:
+def whole_job(folder: Path, out: Path, architecture: str, batch_size: int, workers: int) -> tuple[float, str]:
     env = repo_env()
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "pipeline", "classify", str(folder), str(out), "--weights",
-                             "random", "--device", "cpu", "--batch-size", str(batch_size), "--workers", str(workers),
-                             "--progress", "log"], env=env, capture_output=True, text=True, check=True)
+    result = subprocess.run([sys.executable, "-m", "pipeline", "classify", str(folder), str(out), "--model",
+                             architecture, "--weights", "random", "--device", "cpu", "--batch-size", str(batch_size),
+                             "--workers", str(workers), "--progress", "log"], env=env, capture_output=True, text=True,
+                            check=True)
     seconds = time.perf_counter() - started
     summary = re.search(r"done: (.*)", result.stderr).group(1)
     return seconds, summary
@@ -66,16 +68,17 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=600)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--model", default="resnet18", help="any classifier of torchvision's registry")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "photos"
         make_photos(folder, args.images)
-        model_rate = bare_model(args.batch_size, args.images)
-        seconds, summary = whole_job(folder, Path(tmp) / "out", args.batch_size, args.workers)
+        model_rate = bare_model(args.model, args.batch_size, args.images)
+        seconds, summary = whole_job(folder, Path(tmp) / "out", args.model, args.batch_size, args.workers)
     job_rate = args.images / seconds
     print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"job summary: {summary}")
-    print(f"bare model forward, batch {args.batch_size}: {model_rate:.1f} img/s")
+    print(f"{args.model} forward alone, batch {args.batch_size}: {model_rate:.1f} img/s")
     print(f"whole job ({args.images} images, whole process): {job_rate:.1f} img/s in {seconds:.1f} s")
     print(f"ratio: {job_rate / model_rate:.0%}")
 

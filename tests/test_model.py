@@ -1,5 +1,6 @@
 """Weights in every form the command takes, class names, and the offline message."""
 
+import dataclasses
 import json
 
 import pyarrow.parquet as pq
@@ -9,8 +10,10 @@ from PIL import Image
 from torchvision.models import get_model, get_model_weights
 
 from pipeline import runner
-from pipeline.config import Config
+from pipeline.config import Config, Refused
 from pipeline.decode import Preprocess, decode_file
+from pipeline.failures import failed_rows
+from pipeline.infer import Classifier
 from pipeline.model import WeightsError, load, resolve_weights
 from scripts.synthetic import nontrivial_state_dict
 from tests.conftest import run_pipeline, seeded_state_dict, write_image
@@ -112,22 +115,31 @@ def test_the_cpu_path_feeds_the_model_exactly_its_weights_transforms_of_the_pil_
 @pytest.mark.parametrize("architecture", TESTED_MODELS)
 def test_every_tested_model_gives_the_rows_of_torchvisions_recipe(architecture, tmp_path):
     """A fine-tuned-style checkpoint of each model (seeded random weights, 5 classes, saved by the test, with its
-    labels) classified by the job equals the plain recipe image by image: weights.transforms() on PIL, fp32."""
+    labels), classified by the job as two ranks, then resumed, then read back by verify and errors, equals the
+    plain recipe image by image: weights.transforms() on PIL, fp32."""
     net = get_model(architecture, weights=None, num_classes=5).eval()
     net.load_state_dict(nontrivial_state_dict(architecture, seed=11, num_classes=5))
     torch.save({"model": net.state_dict()}, tmp_path / "w.pt")
     (tmp_path / "labels.txt").write_text("ant\nbee\ncat\ndog\neel\n")
     _images(tmp_path / "in")
+    (tmp_path / "in" / "d.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
     config = Config(tmp_path / "in", tmp_path / "out", model=architecture, weights=str(tmp_path / "w.pt"),
-                    labels=tmp_path / "labels.txt", device="cpu", workers=0, batch_size=2, shard_size=2, topk=3)
+                    labels=tmp_path / "labels.txt", device="cpu", workers=0, batch_size=2, shard_size=2, topk=3,
+                    max_error_rate=0.5)
 
-    summary = runner.run(config)
+    for rank in (0, 1):  # two ranks of one world: each commits its shard, the last publishes _SUCCESS
+        assert runner.run(dataclasses.replace(config, rank=rank, world_size=2)).images_this_run == 2
+    resumed = runner.run(config)
 
-    assert summary.ok == 3
+    assert (resumed.images_this_run, resumed.ok, resumed.errors) == (0, 3, 1)
+    assert [path for path, _ in failed_rows(tmp_path / "out")] == ["d.png"]
+    assert run_pipeline("verify", str(tmp_path / "out")).returncode == 0
     rows = pq.read_table(sorted((tmp_path / "out").glob("part-*.parquet"))).to_pydict()
     transforms = get_model_weights(architecture).DEFAULT.transforms()
     with torch.inference_mode():
         for path, logits, label_name in zip(rows["path"], rows["logits"], rows["label_name"], strict=True):
+            if path == "d.png":
+                continue
             with Image.open(tmp_path / "in" / path) as image:
                 expected = net(transforms(image.convert("RGB")).unsqueeze(0))[0]
             assert expected.std() > 0.05, "the weights must give logits that differ, or the check proves nothing"
@@ -135,7 +147,21 @@ def test_every_tested_model_gives_the_rows_of_torchvisions_recipe(architecture, 
             assert label_name == ["ant", "bee", "cat", "dog", "eel"][int(torch.tensor(logits).argmax())]
     facts = json.loads(pq.read_schema(sorted((tmp_path / "out").glob("part-*.parquet"))[0]).metadata[b"pipeline.run"])
     assert facts["model"] == f"torchvision.models.{architecture}" and facts["classes"] == 5
-    assert run_pipeline("verify", str(tmp_path / "out")).returncode == 0
+
+
+def test_out_of_gpu_memory_is_exit_2_naming_a_smaller_batch(tmp_path, monkeypatch):
+    """A CUDA out-of-memory during the run becomes a message with the fix, not a traceback; the committed shards
+    stay (the batch size may change on resume). The CPU stands in for the GPU: its forward raises the CUDA error."""
+    _images(tmp_path / "in")
+
+    def out_of_memory(self, images):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(Classifier, "forward", out_of_memory)
+    config = Config(tmp_path / "in", tmp_path / "out", weights="random", device="cpu", workers=0, batch_size=64)
+    with pytest.raises(Refused, match="out of GPU memory with resnet18 at --batch-size 64: run the same command with "
+                                      "--batch-size 32"):
+        runner.run(config)
 
 
 def test_an_unknown_model_and_weights_of_another_model_are_refused_with_the_fix(tmp_path):

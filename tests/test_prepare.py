@@ -143,9 +143,9 @@ def test_a_resume_may_change_every_other_option(unfinished, tmp_path, six_images
     assert run_pipeline("verify", str(out)).returncode == 0
 
 
-def test_a_batch_size_is_refused_when_its_batches_in_flight_do_not_fit_naming_the_largest_that_does(images):
-    config = Config(images, Path("out"), weights="random", device="cpu", workers=2, batch_size=100_000)
-    built = prepare.model.load("random", 0, None)
+def test_a_batch_size_is_refused_when_its_batches_in_flight_do_not_fit_naming_the_largest_that_does(six_images):
+    config = Config(six_images, Path("out"), weights="random", device="cpu", workers=2, batch_size=100_000)
+    built = prepare.model.load("resnet18", "random", 0, None)
     per_image, in_flight = prepare.batch_bytes(config, built, "cpu")
     assert in_flight == 2 * 4 + 3 and per_image == 3 * 224 * 224 * in_flight + 7 * 2**20
     available = 8 * 2**30
