@@ -81,7 +81,8 @@ def _check_reachable(url: str) -> None:
         raise InputError(f"{public_url(url)}: no such bucket or prefix: pass an existing one") from None
     except Exception as error:  # botocore's connection errors, an endpoint that answers nonsense
         raise InputError(f"{public_url(url)}: the store cannot be reached ({type(error).__name__}: {error}): check "
-                         "the endpoint (for S3-compatible stores: AWS_ENDPOINT_URL) and the network") from None
+                         "the credentials (for S3: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE), the "
+                         "endpoint (AWS_ENDPOINT_URL for an S3-compatible store) and the network") from None
 
 
 class _Fetcher:

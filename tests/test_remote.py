@@ -1,10 +1,12 @@
 """Object-store and list-file inputs against a real S3 API server (moto_server on 127.0.0.1, started here)."""
 
+import http.server
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -162,6 +164,52 @@ def test_wrong_credentials_exit_2_before_anything_is_written(tmp_path, s3_env):
     assert "access denied" in result.stderr and "AWS_ACCESS_KEY_ID" in result.stderr
     assert not (tmp_path / "out").exists()
     _no_secret(tmp_path, result.stderr)
+
+
+class _SlowDown(http.server.BaseHTTPRequestHandler):
+    """An S3 endpoint that throttles every request, as S3 does past a prefix's request rate."""
+
+    requests = 0
+    body = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+            b"<Message>Please reduce your request rate.</Message></Error>")
+
+    def do_GET(self):
+        type(self).requests += 1
+        self.send_response(503)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    do_HEAD = do_GET
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_throttled_object_is_retried_then_an_error_row(monkeypatch):
+    import fsspec
+
+    from pipeline import remote
+    from pipeline.causes import Unusable
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SlowDown)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.server_address[1]}")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's own retries off: s3fs's and ours remain
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    monkeypatch.setattr(remote, "BACKOFF_S", 0.01)
+    fsspec.filesystem("s3").clear_instance_cache()
+    try:
+        with pytest.raises(Unusable) as raised:
+            remote.ObjectStore("s3://throttled/p", fetch_threads=1).open("a.jpg")
+    finally:
+        server.shutdown()
+        fsspec.filesystem("s3").clear_instance_cache()
+    assert raised.value.cause == "unreadable file" and f"after {remote.ATTEMPTS} tries" in str(raised.value)
+    assert _SlowDown.requests >= remote.ATTEMPTS
+    assert SECRET not in str(raised.value)
 
 
 def _post(url: str, data: bytes) -> None:
