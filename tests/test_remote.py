@@ -11,6 +11,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import boto3  # the dev extra: s3fs, moto[server], boto3
 import pyarrow as pa
 import pyarrow.csv
 import pyarrow.dataset as ds
@@ -19,7 +20,6 @@ import pytest
 
 from tests.conftest import REPO, make_corpus, run_pipeline
 
-boto3 = pytest.importorskip("boto3", reason="the s3 extra and moto[server] (pip install -e '.[dev,s3]')")
 SECRET = "not-a-real-secret-9f3b"  # must appear in no output file and no log line
 COMMON = ["--weights", "random", "--device", "cpu", "--batch-size", "4", "--workers", "1"]
 
@@ -34,7 +34,7 @@ def _free_port() -> int:
 def s3_env():
     """A moto S3 server on a free localhost port for the session, and the environment that points at it."""
     port = _free_port()
-    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
            "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": os.devnull,
@@ -144,6 +144,20 @@ def test_an_object_deleted_after_listing_and_a_kill_minus_9_resume(tmp_path, s3_
     assert len(rows["path"]) == len(set(rows["path"])) == 40
     failed = {path: error for path, error in zip(rows["path"], rows["error"], strict=True) if error}
     assert list(failed) == [last.removeprefix("p/")] and failed[last.removeprefix("p/")].startswith("file vanished")
+
+
+def test_two_ranks_share_a_bucket_prefix_in_a_partition(tmp_path, s3_env):
+    paths = make_corpus(tmp_path / "in", 10, size=(64, 48))
+    _bucket(s3_env, "ranks-test", tmp_path / "in", "p")
+    args = ["classify", "s3://ranks-test/p/", str(tmp_path / "out"), *COMMON, "--shard-size", "3", "--world-size",
+            "2", "--partition", "run_date=2024-05-01"]
+    for rank in ("0", "1"):
+        run_pipeline(*args, "--rank", rank, env=s3_env)
+    run_pipeline("finalize", str(tmp_path / "out"), "--partition", "run_date=2024-05-01")
+
+    run = tmp_path / "out" / "run_date=2024-05-01"
+    assert (run / "_SUCCESS").exists() and _rows(run)["path"] == paths
+    assert run_pipeline("verify", str(run), check=False).returncode == 0
 
 
 def _keys(client, bucket: str) -> list[str]:
