@@ -41,9 +41,10 @@ def is_url(text: str) -> bool:
 
 
 def public_url(url: str) -> str:
-    """The URL as the run's identity and logs name it: without anything before an '@' in its host part."""
+    """The URL as the run's identity and logs name it: without anything before an '@' in its host part, nor a
+    query."""
     parts = urlsplit(url)
-    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2], query="").geturl()
 
 
 def _filesystem(url: str):
@@ -66,7 +67,8 @@ def _filesystem(url: str):
 
 def _check_reachable(url: str) -> None:
     """Refuse (before anything is written) a URL whose store refuses the credentials or has no such bucket/prefix."""
-    if urlsplit(url).username is not None:
+    if urlsplit(url).username is not None or urlsplit(url).query:  # a key, a password or a SAS token: the URL is
+        #   saved with the output
         raise InputError(f"{public_url(url)}: the URL holds credentials; remove them and configure them the "
                          "store's own way (for S3: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE)")
     fs, path = _filesystem(url)

@@ -234,7 +234,9 @@ def _post(url: str, data: bytes) -> None:
 def test_an_object_store_output_and_a_missing_extra_are_refused(tmp_path, s3_env):
     output = run_pipeline("classify", str(tmp_path), "s3://bucket/out/", *COMMON, check=False)
     assert output.returncode == 2 and "OUTPUT must be a POSIX filesystem path" in output.stderr
-    pytest.importorskip("fsspec")
+    secret = run_pipeline("classify", f"az://container/photos/?sig={SECRET}", str(tmp_path / "out"), *COMMON,
+                          check=False)
+    assert secret.returncode == 2 and "the URL holds credentials" in secret.stderr and SECRET not in secret.stderr
     if _installed("gcsfs"):
         pytest.skip("gcsfs is installed")
     missing = run_pipeline("classify", "gs://bucket/photos/", str(tmp_path / "out"), *COMMON, check=False)
