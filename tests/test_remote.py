@@ -21,6 +21,7 @@ import pytest
 from tests.conftest import REPO, make_corpus, run_pipeline
 
 SECRET = "not-a-real-secret-9f3b"  # must appear in no output file and no log line
+KEY_ID = "AKIAKEYIDOFTHETEST000"  # nor this (debug logging included)
 COMMON = ["--weights", "random", "--device", "cpu", "--batch-size", "4", "--workers", "1"]
 
 
@@ -74,15 +75,16 @@ def _rows(out: Path) -> dict:
 def _no_secret(out: Path, *logs: str) -> None:
     for path in out.rglob("*"):
         if path.is_file():
-            assert SECRET.encode() not in path.read_bytes(), path
-    assert all(SECRET not in log for log in logs)
+            assert SECRET.encode() not in path.read_bytes() and KEY_ID.encode() not in path.read_bytes(), path
+    assert all(SECRET not in log and KEY_ID not in log for log in logs)
 
 
 def test_a_bucket_prefix_is_classified_like_the_same_folder(tmp_path, s3_env):
     paths = make_corpus(tmp_path / "in", 9)
     (tmp_path / "in" / "notes.txt").write_text("not an image")
     _bucket(s3_env, "prefix-test", tmp_path / "in", "nightly/photos")
-    remote = run_pipeline("classify", "s3://prefix-test/nightly/photos/", str(tmp_path / "out"), *COMMON, env=s3_env)
+    remote = run_pipeline("classify", "s3://prefix-test/nightly/photos/", str(tmp_path / "out"), *COMMON, "-v",
+                          env={**s3_env, "AWS_ACCESS_KEY_ID": KEY_ID})
     run_pipeline("classify", str(tmp_path / "in"), str(tmp_path / "local"), *COMMON)
 
     rows, local = _rows(tmp_path / "out"), _rows(tmp_path / "local")
