@@ -8,7 +8,7 @@ OUTPUT ?= output
 WEIGHTS ?= imagenet
 ARGS ?=
 
-.PHONY: help install classify test test-fast lint bench bench-cpu soak clean
+.PHONY: help install classify test test-fast lint bench bench-cpu bench-s3 soak clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -41,6 +41,9 @@ bench: install  ## GPU benchmark (needs CUDA, scikit-image or scikit-learn): cor
 
 bench-cpu: install  ## the whole job against the bare model's forward throughput on this CPU
 	$(PY) scripts/bench_cpu.py $(ARGS)
+
+bench-s3: install  ## images/s from a local S3 API server with 0 and 30 ms added per request (docs/benchmarks.md)
+	$(PY) scripts/bench_s3.py $(ARGS)
 
 soak: install  ## SIGKILL real runs 100 times, resume each, write the figures into docs/reliability.md
 	$(PY) scripts/soak.py --kills 100

@@ -46,6 +46,8 @@ def _setup_logging(verbose: bool) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    for name in ("botocore", "aiobotocore", "s3fs", "gcsfs", "adlfs", "azure", "fsspec", "urllib3"):
+        logging.getLogger(name).setLevel(logging.INFO)  # their debug lines print request headers (signed, keyed)
 
 
 def _partitions(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
@@ -91,8 +93,14 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("input_dir", metavar="INPUT", type=click.Path(path_type=Path))
-@click.argument("output_dir", metavar="OUTPUT", type=click.Path(path_type=Path))
+@click.argument("input_dir", metavar="INPUT")
+@click.argument("output_dir", metavar="OUTPUT", required=False)
+@click.option("--input-list", type=click.Path(path_type=Path), default=None,
+              help="A file naming the items instead of INPUT (then give OUTPUT alone): a text file (one path or URL a "
+                   "line) or a Parquet or CSV file with a path column. Duplicates count once; relative paths are "
+                   "taken from the file's folder.")
+@click.option("--fetch-threads", type=click.IntRange(1, 256), default=16, show_default=True,
+              help="Object stores: GETs each decode worker keeps in flight.")
 @click.option("--model", default="resnet18", show_default=True,
               help="Any image classifier of torchvision's registry (torchvision.models.list_models()), e.g. "
                    "resnet50, efficientnet_b0, convnext_tiny, vit_b_16, swin_t.")
@@ -150,8 +158,9 @@ def main() -> None:
 @click.option("--world-size", type=click.IntRange(min=1), default=None,
               help="How many processes share OUTPUT [default: from the Slurm array, srun or torchrun, else 1].")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def classify(input_dir: Path, output_dir: Path, verbose: bool, **options) -> None:
-    """Classify every image under INPUT into Parquet shards in OUTPUT.
+def classify(input_dir: str, output_dir: str | None, verbose: bool, **options) -> None:
+    """Classify every image under INPUT (a folder, or a URL prefix: s3://bucket/prefix/, gs://, az://) into Parquet
+    shards in OUTPUT (a local or shared POSIX folder); or, with --input-list FILE OUTPUT, every item FILE names.
 
     Re-running the same command resumes at the first uncommitted shard; on a finished OUTPUT it
     changes nothing and exits 0.
@@ -162,7 +171,14 @@ def classify(input_dir: Path, output_dir: Path, verbose: bool, **options) -> Non
     from pipeline.lock import Locked
     from pipeline.stop import Interrupted
 
-    config = Config(input_dir=input_dir, output_dir=output_dir, **options)
+    if (options["input_list"] is None) == (output_dir is None):
+        raise click.UsageError("give INPUT OUTPUT, or --input-list FILE OUTPUT")
+    if output_dir is None:
+        input_dir, output_dir = None, input_dir
+    from pipeline.remote import is_url
+
+    source = input_dir if input_dir is None or is_url(input_dir) else Path(input_dir)  # a URL stays text
+    config = Config(input_dir=source, output_dir=Path(output_dir), **options)
     exits = {Refused: Exit.USAGE, Locked: Exit.LOCKED, WriteError: Exit.WRITE_FAILED, Interrupted: Exit.INTERRUPTED}
     try:
         summary = runner.run(config)

@@ -35,7 +35,8 @@ def _option(default=dataclasses.MISSING, *, identity: bool, **more):
 
 @dataclass(frozen=True)
 class Config:
-    input_dir: Path = _option(identity=True)  # folder of images, listed recursively
+    input_dir: Path | str | None = _option(identity=True)  # folder of images, listed recursively; a str: a URL
+    #   prefix of an object store (s3://bucket/prefix/), listed the same way; None with input_list
     output_dir: Path = _option(identity=False)  # folder of Parquet shards, plan and manifest (where, not what)
     model: str = _option("resnet18", identity=True)  # an image classifier of torchvision's registry
     weights: str = _option("imagenet", identity=True)  # 'imagenet' or 'DEFAULT' (the model's default weights, from
@@ -67,6 +68,9 @@ class Config:
     #   one file: past it the worker is killed and the file is an error row (no limit with --workers 0)
     max_error_rate: float = _option(DEFAULT_MAX_ERROR_RATE, identity=False)  # a higher share of error rows: every
     #   row is committed, but the process exits 3 (TOO_MANY_ERRORS) so that cron and Slurm raise an alert
+    input_list: Path | None = _option(None, identity=True)  # --input-list: a file naming the items (paths or URLs:
+    #   text, one a line, or Parquet/CSV with a path column), instead of INPUT
+    fetch_threads: int = _option(16, identity=False)  # GETs each decode worker keeps in flight (object stores)
     rank: int | None = _option(None, identity=False)  # --rank: this process's share of the plan is the shards k with
     #   k % world_size == rank; None: from Slurm or torchrun variables (pipeline.ranks), else 0
     world_size: int | None = _option(None, identity=False)  # --world-size: how many processes share the plan;

@@ -21,7 +21,6 @@ from pipeline.causes import Unusable
 from pipeline.config import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
 from pipeline.plan import Plan
 from pipeline.read import failure, open_file, open_image, pixel_limit
-from pipeline.source import LocalFolder
 
 _logger = logging.getLogger(__name__)
 
@@ -186,10 +185,10 @@ class Batch:
 class ImageFiles(Dataset):
     """The items of a plan, by position in `indices`; each becomes one Sample."""
 
-    def __init__(self, source: LocalFolder, plan: Plan, indices: list[int], preprocess: Preprocess,
+    def __init__(self, source, plan: Plan, indices: list[int], preprocess: Preprocess,
                  gpu_jpeg: bool = False, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-                 max_bytes: int = DEFAULT_MAX_FILE_BYTES, draft: bool = False):
-        self.source = source  # lists and opens the items (pipeline.source)
+                 max_bytes: int = DEFAULT_MAX_FILE_BYTES, draft: bool = False, batch_size: int = 1):
+        self.source = source  # lists and opens the items (pipeline.source, pipeline.remote)
         self.paths = plan.paths  # Arrow: shared by forked workers without copy-on-write growth
         self.indices = indices
         self.preprocess = preprocess
@@ -197,6 +196,8 @@ class ImageFiles(Dataset):
         self.max_pixels = max_pixels
         self.max_bytes = max_bytes  # larger files are refused before a byte is read
         self.draft = draft  # Pillow's reduced-scale JPEG decoding (--jpeg-draft)
+        self.batch_size = batch_size  # a worker reads a whole batch: what it may fetch ahead (a remote source)
+        self.fetch_ahead = getattr(source, "fetch_ahead", None)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -207,6 +208,10 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, position: int) -> Sample:
         index = self.indices[position]
+        if self.fetch_ahead is not None:  # an object store: the next items of this batch are fetched meanwhile
+            end = min(len(self.indices), (position // self.batch_size + 1) * self.batch_size,
+                      position + 1 + self.source.fetch_threads)
+            self.fetch_ahead([self.paths[self.indices[p]].as_py() for p in range(position + 1, end)], self.max_bytes)
         try:
             with self.source.open(self.paths[index].as_py(), self.max_bytes) as file:
                 if not self.gpu_jpeg:

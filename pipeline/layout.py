@@ -48,6 +48,10 @@ def parse_partitions(texts: Iterable[str]) -> tuple[tuple[str, str], ...]:
 
 def check_output(run_dir: Path) -> None:
     """Refuse, before anything is written, a run folder that cannot be created or written by this process."""
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]+:/", str(run_dir)):  # Path spells 's3://b/x' as 's3:/b/x'
+        raise LayoutError(f"OUTPUT {run_dir} is a URL: OUTPUT must be a POSIX filesystem path (local, NFS, Lustre), "
+                          "as a shard's durable commit needs rename and fsync; copy the finished output to the "
+                          "object store afterwards")
     try:
         str(run_dir).encode("utf-8")
     except UnicodeEncodeError:

@@ -13,7 +13,7 @@ from torchvision.transforms import InterpolationMode
 from pipeline import model
 from pipeline.config import Config, Refused
 from pipeline.parquet import SCHEMA_VERSION
-from pipeline.source import PATH_ENCODING, LocalFolder
+from pipeline.source import PATH_ENCODING
 
 _logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def _device(name: str) -> str:
     return name
 
 
-def prepare(config: Config, source: LocalFolder) -> Prepared:
+def prepare(config: Config, source) -> Prepared:
     """The model built and checked, the options resolved against it and the device; raises Refused naming the fix."""
     built = model.load(config.model, config.weights, config.seed, config.labels)
     if config.topk > built.classes:

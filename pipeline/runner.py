@@ -20,7 +20,7 @@ from pipeline.config import DEFAULT_SHARD_SIZE, Config, Refused
 from pipeline.durable import WriteError
 from pipeline.plan import Plan, new_plan
 from pipeline.runfolder import RunFolder
-from pipeline.source import LocalFolder
+from pipeline.source import open_source
 
 _logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def run(config: Config) -> Summary:
     rank = ranks.detect(os.environ, config.rank, config.world_size)
     if rank.world_size > 1:
         _logger.info("this process is %s", rank.describe())
-    source = LocalFolder(config.input_dir)
+    source = open_source(config)  # a local folder, an object-store prefix or a list file
     source.check()
     layout.check_output(config.run_dir)
     layout.check_layout(config.output_dir, config.partition)
@@ -93,7 +93,7 @@ def run(config: Config) -> Summary:
         return _run(config, source, folder, rank, prepared, stopping, started)
 
 
-def _open_plan(config: Config, source: LocalFolder, folder: RunFolder, identity: dict) -> Plan:
+def _open_plan(config: Config, source, folder: RunFolder, identity: dict) -> Plan:
     """The run folder's plan: the saved one when resuming (its identity checked), else a new one."""
     from pipeline.prepare import check_resume
 
@@ -152,7 +152,7 @@ def _finish(folder: RunFolder, the_plan: Plan, rank: ranks.Rank) -> None:
     _logger.info("%s", ended.line(the_plan))
 
 
-def _run(config: Config, source: LocalFolder, folder: RunFolder, rank: ranks.Rank, prepared, stopping,
+def _run(config: Config, source, folder: RunFolder, rank: ranks.Rank, prepared, stopping,
          started: float) -> Summary:
     import torch
 
@@ -181,6 +181,7 @@ def _run(config: Config, source: LocalFolder, folder: RunFolder, rank: ranks.Ran
                                   prepared.dtype, decoder, classes=prepared.model.classes)
     indices = [index for shard in pending for index in the_plan.shard_range(shard)]
     dataset = testhooks.crashing(decode.ImageFiles(source, the_plan, indices, preprocess, gpu_jpeg=prepared.gpu_jpeg,
+                                                   batch_size=config.batch_size,
                                                    max_pixels=config.max_image_pixels,
                                                    max_bytes=config.max_file_bytes, draft=config.jpeg_draft))
     batches = stopping.batches(guard.batches(dataset, config.batch_size, config.workers, pin_memory=gpu,

@@ -1,6 +1,6 @@
-"""The input source: list the work items (sorted image paths) and open one. Today a local folder.
-
-Another source (an object store, a list file) is another class with the same three methods."""
+"""The input source: list the work items (sorted image paths) and open one: a local folder here; an object-store
+prefix or a list file in pipeline/remote.py, with the same methods (check, describe, list, open). open_source picks
+one for a run."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from pipeline import causes
-from pipeline.config import Refused
+from pipeline.config import Config, Refused
 from pipeline.read import open_file
 
 _logger = logging.getLogger(__name__)
@@ -34,6 +34,17 @@ class Listing:
     unlisted: dict[str, int] = field(default_factory=dict)  # folders below the input that could not be listed,
     #   by cause (causes.FOLDER_CAUSES)
     unlisted_paths: list[dict] = field(default_factory=list)  # the first LOGGED_FOLDERS of them: path and error
+
+
+def open_source(config: Config):
+    """The run's source: --input-list's file, INPUT as a URL (s3://, gs://, az://), or INPUT as a local folder."""
+    if config.input_list is not None or isinstance(config.input_dir, str):
+        from pipeline import remote
+
+        if config.input_list is not None:
+            return remote.ListFile(Path(config.input_list), config.fetch_threads)
+        return remote.ObjectStore(config.input_dir, config.fetch_threads)
+    return LocalFolder(config.input_dir)
 
 
 def encode_path(relative: str) -> str:
