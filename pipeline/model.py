@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,10 +68,8 @@ def _fetch(weights, architecture: str) -> Path:
     try:
         weights.get_state_dict(progress=False, check_hash=True)  # downloads into the cache
     except Exception as error:
-        other = ("pass WEIGHTS=PATH (a state_dict file) or WEIGHTS=random (a seeded random model, for a smoke "
-                 "test) to make" if "MAKELEVEL" in os.environ else
-                 "or pass --weights PATH to a state_dict file, or --weights random for a seeded random model "
-                 "(a smoke test)")
+        other = ("or pass --weights PATH (a state_dict file of the model) or --weights random (a seeded random model, "
+                 "for a smoke test); with make: WEIGHTS=PATH or WEIGHTS=random")
         raise WeightsError(
             f"the {architecture} weights {weights.name} are not in torchvision's cache ({path}) and could not be "
             f"downloaded ({type(error).__name__}: {error}). Fix: on a machine with internet, download "

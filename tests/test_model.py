@@ -82,7 +82,8 @@ def test_imagenet_offline_without_cache_exits_with_what_to_do(tmp_path):
     assert result.returncode == 2
     cache = tmp_path / "torch-home" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
     assert f"not in torchvision's cache ({cache})" in result.stderr
-    assert "--weights PATH" in result.stderr
+    assert "--weights PATH" in result.stderr and "--weights random" in result.stderr
+    assert "with make: WEIGHTS=PATH or WEIGHTS=random" in result.stderr
     assert not (tmp_path / "out" / "_plan.arrow").exists(), "nothing is planned before the weights are found"
 
 

@@ -88,5 +88,5 @@ def test_an_input_the_user_may_not_list_stops_the_job_before_it_starts_naming_th
     result = _classify(images, open_dir / "out")
 
     assert result.returncode == 2, result.stderr
-    assert f"{images}' is not readable" in result.stderr  # click's check, before the job's own
+    assert f"cannot list input folder {images}: make it readable by this user" in result.stderr
     assert not (open_dir / "out").exists(), "nothing is written"
