@@ -27,6 +27,9 @@ UNEXPECTED = "unexpected error"
 
 CAUSES = (EMPTY, TRUNCATED, CORRUPT, HTML, XML, TEXT, UNSUPPORTED, MODE, BOMB, VANISHED, BROKEN_LINK, UNREADABLE,
           NOT_REGULAR, TOO_LARGE, TIMED_OUT, CRASHED, OUT_OF_MEMORY, UNEXPECTED)
+RETRIED = (VANISHED, BROKEN_LINK, UNREADABLE, TIMED_OUT, CRASHED, OUT_OF_MEMORY, UNEXPECTED)  # causes that may pass
+#   by themselves (a file being moved, a permission, a busy store): an incremental night classifies such a file
+#   again, changed or not; the others (a corrupt or unsupported file...) wait until the file changes
 
 # Why a folder below INPUT could not be listed: its files get no rows; the summary and the manifest count it.
 FOLDER_VANISHED = "folder vanished"  # listed in its parent, gone (or no longer a folder) when listed itself

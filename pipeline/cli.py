@@ -134,6 +134,13 @@ def main() -> None:
 @click.option("--partition", multiple=True, callback=_partitions, metavar="KEY=VALUE",
               help="Write the run into the Hive partition OUTPUT/KEY=VALUE/ (repeat for nested keys), "
                    "for example --partition run_date=2024-05-01.")
+@click.option("--incremental", is_flag=True,
+              help="With --partition: classify only the files new or changed since the newest finished partition "
+                   "of OUTPUT, and give each file gone since then a 'deleted' row (docs/operations.md).")
+@click.option("--fingerprint", type=click.Choice(["stat", "content"]), default="stat", show_default=True,
+              help="How a changed file is told, and what each row records of it: stat (size and modification "
+                   "time) or content (the sha256 of its bytes: for filesystems whose times cannot be trusted; "
+                   "reads every file when listing).")
 @click.option("--logits", type=click.Choice(["float32", "float16", "none"]), default="float32", show_default=True,
               help="How the logits column keeps every class's logit: float32, float16 (rounded to half "
                    "precision, stored as float32, about half the bytes) or none (null; top-k columns stay).")
@@ -175,6 +182,9 @@ def classify(input_dir: str, output_dir: str | None, verbose: bool, **options) -
         raise click.UsageError("give INPUT OUTPUT, or --input-list FILE OUTPUT")
     if output_dir is None:
         input_dir, output_dir = None, input_dir
+    if options["incremental"] and not options["partition"]:
+        raise click.UsageError("--incremental compares tonight with earlier nights: give each night its "
+                               "partition, for example --partition run_date=2024-05-01")
     from pipeline.remote import is_url
 
     source = input_dir if input_dir is None or is_url(input_dir) else Path(input_dir)  # a URL stays text

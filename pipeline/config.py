@@ -68,6 +68,11 @@ class Config:
     #   one file: past it the worker is killed and the file is an error row (no limit with --workers 0)
     max_error_rate: float = _option(DEFAULT_MAX_ERROR_RATE, identity=False)  # a higher share of error rows: every
     #   row is committed, but the process exits 3 (TOO_MANY_ERRORS) so that cron and Slurm raise an alert
+    incremental: bool = _option(False, identity=False)  # --incremental: classify only files new or changed since the
+    #   newest finished partition of OUTPUT, and give deleted ones a `deleted` row (pipeline/nights.py); which rows
+    #   a night has, not what a row contains
+    fingerprint: str = _option("stat", identity=True)  # 'stat' (size and mtime) or 'content' (sha256 of the bytes,
+    #   also recorded in each row): how a changed file is told (pipeline/fingerprint.py)
     input_list: Path | None = _option(None, identity=True)  # --input-list: a file naming the items (paths or URLs:
     #   text, one a line, or Parquet/CSV with a path column), instead of INPUT
     fetch_threads: int = _option(16, identity=False)  # GETs each decode worker keeps in flight (object stores)

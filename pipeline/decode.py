@@ -19,6 +19,7 @@ from torchvision.transforms import functional as F
 from pipeline import causes, stop
 from pipeline.causes import Unusable
 from pipeline.config import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
+from pipeline.parquet import DELETED
 from pipeline.plan import Plan
 from pipeline.read import failure, open_file, open_image, pixel_limit
 
@@ -198,6 +199,7 @@ class ImageFiles(Dataset):
         self.draft = draft  # Pillow's reduced-scale JPEG decoding (--jpeg-draft)
         self.batch_size = batch_size  # a worker reads a whole batch: what it may fetch ahead (a remote source)
         self.fetch_ahead = getattr(source, "fetch_ahead", None)
+        self.deleted_from = plan.deleted_from  # items from here on are deletions: a row, never a read
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -208,10 +210,13 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, position: int) -> Sample:
         index = self.indices[position]
+        if index >= self.deleted_from:
+            return Sample(index, error=DELETED)
         if self.fetch_ahead is not None:  # an object store: the next items of this batch are fetched meanwhile
             end = min(len(self.indices), (position // self.batch_size + 1) * self.batch_size,
                       position + 1 + self.source.fetch_threads)
-            self.fetch_ahead([self.paths[self.indices[p]].as_py() for p in range(position + 1, end)], self.max_bytes)
+            self.fetch_ahead([self.paths[self.indices[p]].as_py() for p in range(position + 1, end)
+                              if self.indices[p] < self.deleted_from], self.max_bytes)
         try:
             with self.source.open(self.paths[index].as_py(), self.max_bytes) as file:
                 if not self.gpu_jpeg:

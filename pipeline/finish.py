@@ -80,7 +80,10 @@ def _describes(published: dict | None, records: dict[int, dict]) -> bool:
 
 
 def run_facts(folder: RunFolder, plan: Plan) -> dict:
-    """The run's facts as its first shard's metadata holds them (the same in every shard, less per-process ones)."""
+    """The run's facts as its first shard's metadata holds them (the same in every shard, less per-process ones);
+    a plan of no items (an incremental night with nothing new) has only the plan's own."""
+    if plan.shard_count == 0:
+        return dict(plan.facts)
     facts = folder.run_facts(plan, 0)
     return {key: value for key, value in facts.items() if key not in PER_PROCESS_FACTS}
 

@@ -89,16 +89,22 @@ def check_layout(output_dir: Path, partition: tuple[tuple[str, str], ...]) -> No
                           "use the same partition keys in the same order, or write to a new OUTPUT")
 
 
+def sibling_runs(output_dir: Path, partition: tuple[tuple[str, str], ...]) -> list[Path]:
+    """The other partition folders of OUTPUT that hold a run (a plan), sorted."""
+    if not partition:
+        return []
+    own = output_dir.joinpath(*(f"{key}={value}" for key, value in partition))
+    return [path for path in sorted(output_dir.glob("/".join(["*=*"] * len(partition))))
+            if path != own and path.is_dir() and RunFolder(path).has_plan()]
+
+
 def check_no_unfinished_twin(output_dir: Path, partition: tuple[tuple[str, str], ...], identity: dict) -> None:
     """Before a new partition is planned: refuse when a sibling partition holds an unfinished run of the same
     identity (say a run killed before midnight and retried after it with the next date), which would classify the
     same images twice."""
-    if not partition:
-        return
-    own = output_dir.joinpath(*(f"{key}={value}" for key, value in partition))
-    for path in sorted(output_dir.glob("/".join(["*=*"] * len(partition)))):
+    for path in sibling_runs(output_dir, partition):
         folder = RunFolder(path)
-        if path == own or not path.is_dir() or not folder.has_plan() or folder.is_finished():
+        if folder.is_finished():
             continue
         facts = folder.load_facts() or {}
         if all(facts.get(key) == value for key, value in identity.items()):

@@ -19,13 +19,15 @@ from pipeline.causes import error_counts
 if TYPE_CHECKING:  # infer imports torch; the schema and the layout checks must not need it
     from pipeline.infer import Scored
 
-SCHEMA_VERSION = 2  # 1: the first nine columns; 2: added run_id and run_started_at (docs/schema.md)
+SCHEMA_VERSION = 3  # 1: the first nine columns; 2: added run_id and run_started_at; 3: added file_size, file_mtime,
+#   file_sha256 and the status 'deleted' (docs/schema.md)
 
 # The columns of one image's row; rows() builds these. Evolution is additive and nullable only:
 # new columns go at the end, are nullable, and old columns keep their names and types.
 ROW_FIELDS = [
     pa.field("path", pa.string(), nullable=False),  # relative to the input folder, '/'-separated
-    pa.field("status", pa.string(), nullable=False),  # 'ok' or 'error'
+    pa.field("status", pa.string(), nullable=False),  # 'ok', 'error' or 'deleted' (an incremental night: the file
+    #   was classified by an earlier night and is gone now; every other column of the row is null)
     pa.field("error", pa.string()),  # "<cause>: <detail>" (pipeline/causes.py); null when ok
     pa.field("label", pa.int32()),  # argmax class index; null for errors
     pa.field("label_name", pa.string()),  # the class's name
@@ -39,11 +41,18 @@ RUN_FIELDS = [
     pa.field("run_id", pa.string()),  # the run that wrote the row (also in the shard's name); v2
     pa.field("run_started_at", pa.timestamp("us", tz="UTC")),  # when the run was planned, UTC; v2
 ]
-SCHEMA = pa.schema(ROW_FIELDS + RUN_FIELDS)
+# The file's fingerprint when INPUT was listed (pipeline/fingerprint.py), one per row; with_file_columns() adds them.
+FILE_FIELDS = [
+    pa.field("file_size", pa.int64()),  # bytes; v3
+    pa.field("file_mtime", pa.timestamp("us", tz="UTC")),  # modification time; v3
+    pa.field("file_sha256", pa.string()),  # the bytes' sha256, with --fingerprint content; null otherwise; v3
+]
+SCHEMA = pa.schema(ROW_FIELDS + RUN_FIELDS + FILE_FIELDS)
 
 LOGITS_CHOICES = ("float32", "float16", "none")  # float16: rounded to half precision, stored as float32
 _FLOAT_COLUMNS = ("prob", "topk_probs.list.element", "logits.list.element")
 _DICTIONARY_COLUMNS = ["status", "error", "label_name", "run_id", "run_started_at"]
+DELETED = "deleted"  # a row's status, and the marker in a batch's errors of an item that is a deletion
 
 
 def _ok_list(values: np.ndarray, ok: np.ndarray, value_type: pa.DataType) -> pa.ListArray:
@@ -77,13 +86,14 @@ def rows(scored: Scored, paths: pa.StringArray, names: pa.StringArray, logits: s
     """One row per item of the batch, in plan order: the ROW_FIELDS columns."""
     batch = scored.batch
     ok = np.array([error is None for error in batch.errors], dtype=bool)
+    deleted = np.array([error == DELETED for error in batch.errors], dtype=bool)
     labels = _spread(scored.topk_labels[:, 0], ok, pa.int32())
     kept = stored_logits(scored.logits, logits)
     return pa.Table.from_arrays(
         [
             paths.take(pa.array(batch.indices.numpy())),
-            pa.array(np.where(ok, "ok", "error"), type=pa.string()),
-            pa.array(batch.errors, type=pa.string()),
+            pa.array(np.where(ok, "ok", np.where(deleted, DELETED, "error")), type=pa.string()),
+            pa.array(batch.errors, type=pa.string(), mask=deleted),
             labels,
             names.take(labels),
             _spread(scored.topk_probs[:, 0], ok, pa.float32()),
@@ -95,11 +105,16 @@ def rows(scored: Scored, paths: pa.StringArray, names: pa.StringArray, logits: s
     )
 
 
-def with_run_columns(table: pa.Table, run_id: str, started_at: str) -> pa.Table:
-    """table with the RUN_FIELDS columns appended: the run id and start time (ISO 8601) in every row."""
+def with_run_columns(table: pa.Table, run_id: str, started_at: str, files: pa.Table | None = None) -> pa.Table:
+    """table with the columns beyond ROW_FIELDS appended: the run id and start time (ISO 8601) in every row
+    (RUN_FIELDS), and each file's fingerprint (FILE_FIELDS) from files, the same rows in order (nulls without)."""
     started = pa.scalar(datetime.fromisoformat(started_at), type=RUN_FIELDS[1].type)
     for field, value in zip(RUN_FIELDS, [pa.scalar(run_id, pa.string()), started], strict=True):
         table = table.append_column(field, pa.repeat(value, table.num_rows))
+    for field in FILE_FIELDS:
+        column = files.column(field.name).cast(field.type) if files is not None else pa.nulls(table.num_rows,
+                                                                                                field.type)
+        table = table.append_column(field, column)
     return table
 
 

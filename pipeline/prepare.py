@@ -71,6 +71,7 @@ def prepare(config: Config, source) -> Prepared:
         "jpeg_draft": config.jpeg_draft,
         "max_file_bytes": config.max_file_bytes,
         "decode_timeout": config.decode_timeout,
+        "fingerprint": config.fingerprint,
         "schema_version": SCHEMA_VERSION,
         "path_encoding": PATH_ENCODING,  # how `path` spells names that are not plain UTF-8 (docs/schema.md)
     }

@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 from pipeline import causes
 from pipeline.causes import Unusable
+from pipeline.fingerprint import object_mtime_ns, stat_file
 from pipeline.read import open_file
 from pipeline.source import IMAGE_EXTENSIONS, InputError, Listing, decode_path, encode_path
 
@@ -166,12 +167,15 @@ class ObjectStore:
         self.check()
         fs, root = _filesystem(self.url)
         root = root.rstrip("/")
-        found = [path[len(root) + 1:] for path in fs.find(root) if path.startswith(root + "/")]
-        items = [path for path in found if os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS]
+        found = {path[len(root) + 1:]: info for path, info in fs.find(root, detail=True).items()
+                 if path.startswith(root + "/")}
+        items = [(encode_path(path), info.get("size"), object_mtime_ns(info), info.get("ETag"))
+                 for path, info in found.items()
+                 if os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS]  # the listing's size and time: free
         if not items:
             raise InputError(f"found 0 images under {self.describe()} ({len(found)} other objects ignored); image "
                              f"extensions are: {' '.join(sorted(IMAGE_EXTENSIONS))} (any case)")
-        return Listing(sorted(encode_path(item) for item in items), len(found) - len(items))
+        return Listing.of(items, len(found) - len(items))
 
     def _url(self, path: str) -> str:
         return f"{self.url}/{decode_path(path)}"
@@ -191,6 +195,8 @@ class ListFile:
 
     file: Path
     fetch_threads: int = DEFAULT_FETCH_THREADS
+    stat_urls: bool = False  # ask the store each URL's size and time when listing (one HEAD each): incremental
+    #   nights need them; a local item's are always taken
     fetcher: _Fetcher = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -244,7 +250,23 @@ class ListFile:
         if not items:
             raise InputError(f"--input-list {self.file} names no items: pass a file with one path or URL a line")
         self.check_stores(items)
-        return Listing([encode_path(item) for item in items], 0)
+        urls = [item for item in items if is_url(item)]
+        stats = dict(zip(urls, self._stat_urls(urls), strict=True)) if self.stat_urls else {}
+        return Listing.of([(encode_path(item), *(stats.get(item, (None, None, None)) if is_url(item)
+                                                 else (*stat_file(self._local(item)), None))) for item in items], 0)
+
+    def _stat_urls(self, urls: list[str]) -> list[tuple[int | None, int | None, str | None]]:
+        """(size, mtime_ns, ETag) of each URL, fetch_threads requests at a time; Nones for one that is gone."""
+        def stat(url: str) -> tuple[int | None, int | None, str | None]:
+            try:
+                fs, path = _filesystem(url)
+                info = fs.info(path)
+            except Exception:  # gone or denied: its row says why when it is read
+                return None, None, None
+            return info.get("size"), object_mtime_ns(info), info.get("ETag")
+
+        with ThreadPoolExecutor(max(1, self.fetch_threads), thread_name_prefix="stat") as pool:
+            return list(pool.map(stat, urls))
 
     def _local(self, item: str) -> Path:
         return self.file.parent / item  # an absolute item stays itself

@@ -2,6 +2,8 @@
 
 A run folder (OUTPUT, or its partition folder) holds:
   _plan.arrow                     the plan and the run's identity (pipeline.plan), published once
+  _listing.arrow                  a partitioned run's whole input listing with fingerprints (pipeline.nights),
+                                  published just before the plan: the next incremental night compares with it
   part-NNNNN-RUNID.parquet        committed shards: visible means complete
   _shards/part-....parquet.json   one record per committed shard: rows, bytes, sha256, counts
   _SUCCESS                        the manifest, published last (pipeline.finish decides its content)
@@ -26,6 +28,7 @@ from pipeline.plan import Plan, read_facts, read_plan
 _logger = logging.getLogger(__name__)
 
 PLAN_NAME = "_plan.arrow"  # a leading '_' and no '.parquet': warehouse readers and table globs skip it
+LISTING_NAME = "_listing.arrow"
 MANIFEST_NAME = "_SUCCESS"
 RECORDS_DIR = "_shards"
 LOCKS_DIR = "_locks"
@@ -78,6 +81,15 @@ class RunFolder:
     def load_facts(self) -> dict | None:
         """The saved plan's facts without its paths; None when there is none."""
         return read_facts(self.path / PLAN_NAME) if self.has_plan() else None
+
+    def publish_listing(self, data: bytes) -> None:
+        """Publish the input listing (replacing one a run killed before its plan left); only under the plan lock."""
+        durable_publish(self.path / LISTING_NAME, data)
+
+    def listing_file(self) -> Path | None:
+        """The published input listing, or None when there is none."""
+        path = self.path / LISTING_NAME
+        return path if path.is_file() else None
 
     def open_plan(self, make: Callable[[], Plan]) -> tuple[Plan, bool]:
         """The saved plan, or else make()'s, published: (plan, True when this process published it).
@@ -256,7 +268,7 @@ class RunFolder:
         names = {shard_name(plan.run_id, shard) for shard in shards}
         names |= {f"{name}.json" for name in names}
         if whole_folder:
-            names |= {PLAN_NAME, MANIFEST_NAME}
+            names |= {PLAN_NAME, LISTING_NAME, MANIFEST_NAME}
         removed = 0
         for folder in (self.path, self.path / RECORDS_DIR):
             try:

@@ -15,9 +15,10 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from pipeline import failures, finish, layout, ranks
+from pipeline import failures, finish, layout, lock, nights, ranks
 from pipeline.config import DEFAULT_SHARD_SIZE, Config, Refused
 from pipeline.durable import WriteError
+from pipeline.parquet import DELETED
 from pipeline.plan import Plan, new_plan
 from pipeline.runfolder import RunFolder
 from pipeline.source import open_source
@@ -39,11 +40,12 @@ class Summary:
     max_error_rate: float = 1.0
     unlisted_folders: dict[str, int] = field(default_factory=dict)  # folders below INPUT not listed, by cause
     unlisted_folder_paths: list[dict] = field(default_factory=list)  # the first few: path and error
+    deleted: int = 0  # `deleted` rows: files gone since the night an incremental night compared with
 
     def line(self) -> str:
         rate = self.images_this_run / max(self.seconds, 1e-9)
         steady = self.images_this_run / max(self.steady_seconds, 1e-9)
-        return (f"images={self.images} ok={self.ok} errors={self.errors} "
+        return (f"images={self.images} ok={self.ok} errors={self.errors} deleted={self.deleted} "
                 f"unlisted_folders={sum(self.unlisted_folders.values())} seconds={self.seconds:.1f} "
                 f"img/s={rate:.1f} steady_img/s={steady:.1f} gpu_peak_gib={self.gpu_peak_gib:.2f} "
                 f"(this run: {self.images_this_run} images)")
@@ -85,6 +87,8 @@ def run(config: Config) -> Summary:
     from pipeline import prepare, stop  # imports torch
 
     prepared = prepare.prepare(config, source)  # the model and every option checked: still nothing written
+    if not folder.has_plan():  # refused before any write here; checked again where the night is planned, locked
+        layout.check_no_unfinished_twin(config.output_dir, config.partition, prepared.identity)
     try:
         config.run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -93,19 +97,43 @@ def run(config: Config) -> Summary:
         return _run(config, source, folder, rank, prepared, stopping, started)
 
 
+def plan_run(config: Config, source, folder: RunFolder, identity: dict) -> Plan:
+    """A new plan for the run folder: every listed file, or an incremental night's changes (pipeline.nights); a
+    partitioned run publishes its listing first, for the next night."""
+    layout.check_no_unfinished_twin(config.output_dir, config.partition, identity)
+    listing = source.list()
+    if not config.partition:
+        return new_plan(listing, config.shard_size or DEFAULT_SHARD_SIZE, identity)
+    night = nights.plan_night(listing, source, config.output_dir, config.partition, identity, config.fingerprint,
+                              config.incremental)
+    folder.publish_listing(nights.listing_bytes(night.state))
+    the_plan = new_plan(night.work, config.shard_size or DEFAULT_SHARD_SIZE, identity, night.deleted)
+    the_plan.facts.update(night.facts)
+    return the_plan
+
+
 def _open_plan(config: Config, source, folder: RunFolder, identity: dict) -> Plan:
     """The run folder's plan: the saved one when resuming (its identity checked), else a new one."""
     from pipeline.prepare import check_resume
 
-    def fresh() -> Plan:
-        layout.check_no_unfinished_twin(config.output_dir, config.partition, identity)
-        return new_plan(source.list(), config.shard_size or DEFAULT_SHARD_SIZE, identity)
+    started = time.monotonic()
 
-    saved, planned = folder.open_plan(fresh)  # one process plans, however many start at once
+    def fresh() -> Plan:
+        return plan_run(config, source, folder, identity)
+
+    if config.partition and not folder.has_plan():  # one night plans at a time in OUTPUT: a night planned beside
+        #   another would not see it (twins, the night an incremental one compares with)
+        with lock.acquire(RunFolder(config.output_dir).lock_file("nights"), wait=True):
+            saved, planned = folder.open_plan(fresh)
+    else:
+        saved, planned = folder.open_plan(fresh)  # one process plans, however many start at once
+    if saved.facts.get("incremental", False) != config.incremental and not planned:
+        _logger.warning("keeping the saved plan (%s): --incremental applies when a night is planned",
+                        "incremental" if saved.facts.get("incremental") else "every file")
     if planned:
-        _logger.info("planned %d images in %d shards (%d other files ignored, %d folders not listed), run id %s",
-                     len(saved.paths), saved.shard_count, saved.facts["ignored_files"],
-                     sum(saved.facts["unlisted_folders"].values()), saved.run_id)
+        _logger.info("planned %d images in %d shards in %.1f s (%d other files ignored, %d folders not listed), run "
+                     "id %s", len(saved.paths), saved.shard_count, time.monotonic() - started,
+                     saved.facts["ignored_files"], sum(saved.facts["unlisted_folders"].values()), saved.run_id)
         return saved
     check_resume(saved.facts, identity, str(folder.path))
     if config.shard_size not in (None, saved.shard_size):
@@ -141,7 +169,8 @@ def _summary(folder: RunFolder, the_plan: Plan, records: dict[int, dict], total:
                    error_counts=dict(sorted(causes.items())), first_failures=first,
                    max_error_rate=config.max_error_rate,
                    unlisted_folders=the_plan.facts.get("unlisted_folders", {}),
-                   unlisted_folder_paths=the_plan.facts.get("unlisted_folder_paths", []))
+                   unlisted_folder_paths=the_plan.facts.get("unlisted_folder_paths", []),
+                   deleted=sum(record["status_counts"].get("deleted", 0) for record in records.values()))
 
 
 def _finish(folder: RunFolder, the_plan: Plan, rank: ranks.Rank) -> None:
@@ -201,7 +230,7 @@ def _run(config: Config, source, folder: RunFolder, rank: ranks.Rank, prepared, 
     try:
         for scored in classifier.score(reading.wrap(batches)):
             writer.add(scored)
-            progress.update(len(scored.batch.errors), sum(e is not None for e in scored.batch.errors))
+            progress.update(len(scored.batch.errors), sum(e not in (None, DELETED) for e in scored.batch.errors))
     except torch.cuda.OutOfMemoryError as error:
         raise Refused(f"out of GPU memory with {config.model} at --batch-size {config.batch_size}: run the same "
                       f"command with --batch-size {max(1, config.batch_size // 2)} (the committed shards are kept; "

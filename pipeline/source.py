@@ -14,6 +14,7 @@ from typing import BinaryIO
 
 from pipeline import causes
 from pipeline.config import Config, Refused
+from pipeline.fingerprint import stat_file
 from pipeline.read import open_file
 
 _logger = logging.getLogger(__name__)
@@ -34,6 +35,22 @@ class Listing:
     unlisted: dict[str, int] = field(default_factory=dict)  # folders below the input that could not be listed,
     #   by cause (causes.FOLDER_CAUSES)
     unlisted_paths: list[dict] = field(default_factory=list)  # the first LOGGED_FOLDERS of them: path and error
+    sizes: list[int | None] | None = None  # each path's size in bytes (pipeline/fingerprint.py), None where it is
+    #   gone; the whole list None where the source does not take them (a list file's URLs, outside --incremental)
+    mtimes_ns: list[int | None] | None = None  # each path's modification time, ns since the epoch
+    sha256: list[str | None] | None = None  # each path's content hash, with --fingerprint content
+    etags: list[str | None] | None = None  # an object's ETag, beside its size and time (a store's times are
+    #   whole seconds: the ETag tells two writes of one second apart)
+    skipped: list[str] = field(default_factory=list)  # every folder below the input not listed (encoded): an
+    #   incremental night keeps its files as they were (pipeline/nights.py)
+
+    @classmethod
+    def of(cls, found: list[tuple], ignored: int, **more) -> Listing:
+        """A listing of (encoded path, size, mtime_ns) or (..., etag) found in any order: sorted by path."""
+        found.sort(key=lambda item: item[0])
+        columns = [list(column) for column in zip(*found, strict=True)] if found else [[], [], []]
+        return cls(columns[0], ignored, sizes=columns[1], mtimes_ns=columns[2],
+                   etags=columns[3] if len(columns) > 3 else None, **more)
 
 
 def open_source(config: Config):
@@ -42,7 +59,7 @@ def open_source(config: Config):
         from pipeline import remote
 
         if config.input_list is not None:
-            return remote.ListFile(Path(config.input_list), config.fetch_threads)
+            return remote.ListFile(Path(config.input_list), config.fetch_threads, stat_urls=config.incremental)
         return remote.ObjectStore(config.input_dir, config.fetch_threads)
     return LocalFolder(config.input_dir)
 
@@ -101,8 +118,9 @@ class LocalFolder:
         self.check()
         walk = _Walk(self.root)
         walk.run()
-        listing = Listing(sorted(encode_path(path) for path in walk.items), walk.ignored,
-                          dict(sorted(walk.unlisted.items())), walk.unlisted_paths)
+        listing = Listing.of([(encode_path(path), size, mtime) for path, size, mtime in walk.items], walk.ignored,
+                             unlisted=dict(sorted(walk.unlisted.items())), unlisted_paths=walk.unlisted_paths,
+                             skipped=sorted(encode_path(path) for path in walk.skipped))
         if not listing.paths:
             extensions = " ".join(sorted(IMAGE_EXTENSIONS))
             unlisted = sum(listing.unlisted.values())
@@ -124,7 +142,9 @@ class _Walk:
 
     def __init__(self, root: Path):
         self.root = root
-        self.items: list[str] = []  # relative paths as os.fsdecode spells them
+        self.items: list[tuple[str, int | None, int | None]] = []  # (relative path as os.fsdecode spells it,
+        #   size, mtime_ns)
+        self.skipped: list[str] = []  # every folder not listed
         self.ignored = 0
         self.unlisted: dict[str, int] = {}
         self.unlisted_paths: list[dict] = []
@@ -149,20 +169,20 @@ class _Walk:
                                 encode_path(relative_dir), encode_path(where) or "INPUT")
                 return
             with os.scandir(folder) as entries:
-                found = [self._sort(entry, relative_dir) for entry in entries]
+                found = [(*self._sort(entry, relative_dir), entry.path) for entry in entries]
         except OSError as error:
             if not relative_dir:
                 raise InputError(f"cannot list input folder {self.root} ({error.strerror}): make it readable by this "
                                  "user") from error
             self._not_listed(relative_dir, error)
             return
-        for kind, relative in found:
+        for kind, relative, full_path in found:
             if kind == "folder":
                 folders.append(relative)
             elif kind == "link":
                 self.linked.append(relative)
             elif kind == "item":
-                self.items.append(relative)
+                self.items.append((relative, *stat_file(full_path)))
             elif kind == "ignored":
                 self.ignored += 1
 
@@ -185,6 +205,7 @@ class _Walk:
 
     def _not_listed(self, relative_dir: str, error: OSError) -> None:
         cause = _folder_cause(error)
+        self.skipped.append(relative_dir)
         self.unlisted[cause] = self.unlisted.get(cause, 0) + 1
         text = str(causes.Unusable(cause, error.strerror))
         if len(self.unlisted_paths) < LOGGED_FOLDERS:

@@ -61,8 +61,10 @@ class ShardWriter:
 
     def _flush(self) -> None:
         table = pa.concat_tables(self.pieces).combine_chunks()
-        table = parquet.with_run_columns(table, self.plan.run_id, self.plan.facts["created_at"])
-        expected = self.plan.paths[self.plan.shard_range(self.shard).start :][: table.num_rows]
+        start = self.plan.shard_range(self.shard).start
+        files = self.plan.files.slice(start, table.num_rows) if self.plan.files is not None else None
+        table = parquet.with_run_columns(table, self.plan.run_id, self.plan.facts["created_at"], files)
+        expected = self.plan.paths[start:][: table.num_rows]
         if not table.column("path").chunk(0).equals(expected):
             raise RuntimeError(f"shard {self.shard}: rows are not in plan order; refusing to commit it")
         lengths = pc.unique(pc.list_value_length(table["logits"]).drop_null()).to_pylist()

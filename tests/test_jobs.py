@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline.runfolder import MANIFEST_NAME, RunFolder
@@ -146,14 +147,30 @@ def test_the_srun_variant_runs_a_rank_per_task_and_requeues_itself_ahead_of_the_
     assert_exactly_once(tmp_path / "out", expected)
 
 
-def nightly(tmp_path: Path, input_dir: Path, *args: str) -> subprocess.Popen:
+def nightly(tmp_path: Path, input_dir: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
     """The script as cron runs it, from a checkout whose .venv runs this interpreter (PYTHON unset)."""
     script = tmp_path / "checkout" / NIGHTLY.relative_to(REPO)
     if not script.exists():
         installed_copy(NIGHTLY, tmp_path / "checkout")
     return subprocess.Popen([str(script), str(input_dir), str(tmp_path / "out"), *OPTIONS, *args],
-                            env={**os.environ, **ENV, "PYTHON": ""}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+                            env={**os.environ, **ENV, "PYTHON": "", **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_the_nightly_script_runs_incremental_nights_unless_told_not_to(tmp_path):
+    expected = make_corpus(tmp_path / "in", 3, size=(40, 32))
+    assert nightly(tmp_path, tmp_path / "in", env={"RUN_DATE": "2024-05-01"}).wait(timeout=120) == 0
+    (tmp_path / "in" / "added.png").write_bytes((tmp_path / "in" / expected[1]).read_bytes())
+    assert nightly(tmp_path, tmp_path / "in", env={"RUN_DATE": "2024-05-02"}).wait(timeout=120) == 0
+    assert nightly(tmp_path, tmp_path / "in", env={"RUN_DATE": "2024-05-03", "INCREMENTAL": "0"}).wait(120) == 0
+
+    def paths(date: str) -> list[str]:
+        return sorted(pq.read_table(tmp_path / "out" / f"run_date={date}", columns=["path"])["path"].to_pylist())
+
+    assert paths("2024-05-01") == expected
+    assert paths("2024-05-02") == ["added.png"], (tmp_path / "out" / "_logs" / "nightly-2024-05-02.log").read_text()
+    assert paths("2024-05-03") == sorted([*expected, "added.png"])
 
 
 @pytest.mark.slow

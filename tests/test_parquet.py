@@ -61,7 +61,7 @@ def test_a_shard_round_trips_through_parquet_with_run_metadata():
     read = pq.read_table(pa.BufferReader(data))
     assert read.schema.equals(SCHEMA)
     assert read.equals(table.replace_schema_metadata(read.schema.metadata))
-    assert read.schema.metadata[b"schema_version"] == b"2"
+    assert read.schema.metadata[b"schema_version"] == b"3"
     assert plan.run_id.encode() in read.schema.metadata[b"pipeline.run"]
     assert pq.read_metadata(pa.BufferReader(data)).num_row_groups == 1
 
@@ -108,5 +108,5 @@ def test_a_shard_is_one_row_group_with_split_floats_zstd_and_utc_microseconds():
 
 def test_a_table_without_the_run_columns_is_not_a_shard():
     plan = _plan(2, 10)
-    with pytest.raises(ValueError, match="schema v2"):
+    with pytest.raises(ValueError, match="schema v3"):
         encode_shard(rows(_scored([0, 1], [None, None]), plan.paths, pa.array(NAMES)), {})

@@ -29,7 +29,7 @@ def test_every_option_is_either_part_of_the_identity_or_may_change_on_resume():
     assert not set(identity_options()) & set(resumable_options())
     assert set(identity_options()) == {"input_dir", "model", "weights", "labels", "precision", "decode", "topk",
                                        "seed", "logits", "max_image_pixels", "jpeg_draft", "max_file_bytes",
-                                       "decode_timeout", "input_list"}
+                                       "decode_timeout", "input_list", "fingerprint"}
 
 
 def test_the_docs_list_both_kinds_of_option():
@@ -62,13 +62,14 @@ IDENTITY_CHANGES = {
     "max_file_bytes": lambda base, tmp, labels: {"max_file_bytes": 1000},
     "decode_timeout": lambda base, tmp, labels: {"decode_timeout": 5.0},
     "input_list": lambda base, tmp, labels: {"input_dir": None, "input_list": tmp / "items.txt"},
+    "fingerprint": lambda base, tmp, labels: {"fingerprint": "content"},
 }
 RESUMABLE_CHANGES = {
     "output_dir": {"output_dir": Path("elsewhere")}, "device": {"device": "cpu"}, "batch_size": {"batch_size": 3},
     "workers": {"workers": 0}, "shard_size": {"shard_size": 7}, "progress": {"progress": "log"},
     "log_every_s": {"log_every_s": 1.0}, "partition": {"partition": (("run_date", "2024-05-01"),)},
     "max_error_rate": {"max_error_rate": 0.5}, "rank": {"rank": 1}, "world_size": {"world_size": 2},
-    "fetch_threads": {"fetch_threads": 4},
+    "fetch_threads": {"fetch_threads": 4}, "incremental": {"incremental": True},
 }
 
 

@@ -251,6 +251,24 @@ def _installed(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-@pytest.mark.skip(reason="--incremental (issue 19) does not exist yet")
-def test_a_second_night_with_incremental_reads_only_new_objects():
-    pass
+def test_a_second_night_with_incremental_reads_only_new_and_changed_objects(tmp_path, s3_env):
+    paths = make_corpus(tmp_path / "in", 5)
+    client = _bucket(s3_env, "nights-test", tmp_path / "in", "landing")
+    url, out = "s3://nights-test/landing/", tmp_path / "out"
+    night = [*COMMON, "--incremental", "--partition"]
+    run_pipeline("classify", url, str(out), *night, "run_date=d1", env=s3_env)
+    client.upload_file(str(tmp_path / "in" / paths[0]), "nights-test", "landing/new/added.jpg")
+    client.put_object(Bucket="nights-test", Key=f"landing/{paths[1]}",
+                      Body=(tmp_path / "in" / paths[2]).read_bytes())  # other bytes: another size
+    client.delete_object(Bucket="nights-test", Key=f"landing/{paths[3]}")
+
+    second = run_pipeline("classify", url, str(out), *night, "run_date=d2", env=s3_env)
+
+    rows = _rows(out / "run_date=d2")
+    assert dict(zip(rows["path"], rows["status"], strict=True)) == {"new/added.jpg": "ok", paths[1]: "ok",
+                                                                    paths[3]: "deleted"}
+    head = client.head_object(Bucket="nights-test", Key=f"landing/{paths[1]}")
+    at = rows["path"].index(paths[1])
+    assert rows["file_size"][at] == head["ContentLength"]
+    assert rows["file_mtime"][at].replace(microsecond=0) == head["LastModified"].replace(microsecond=0)
+    assert "2 files new or changed, 1 deleted, 3 unchanged" in second.stderr

@@ -17,7 +17,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.parquet import ROW_FIELDS, SCHEMA
+from pipeline.parquet import ROW_FIELDS, RUN_FIELDS, SCHEMA
 from tests.conftest import REPO, make_corpus, run_pipeline
 
 duckdb = pytest.importorskip("duckdb")
@@ -40,7 +40,8 @@ main()
 DUCKDB_TYPES = {
     "path": "VARCHAR", "status": "VARCHAR", "error": "VARCHAR", "label": "INTEGER", "label_name": "VARCHAR",
     "prob": "FLOAT", "topk_labels": "INTEGER[]", "topk_probs": "FLOAT[]", "logits": "FLOAT[]",
-    "run_id": "VARCHAR", "run_started_at": "TIMESTAMP WITH TIME ZONE", "run_date": "DATE",
+    "run_id": "VARCHAR", "run_started_at": "TIMESTAMP WITH TIME ZONE", "file_size": "BIGINT",
+    "file_mtime": "TIMESTAMP WITH TIME ZONE", "file_sha256": "VARCHAR", "run_date": "DATE",
 }
 
 
@@ -208,32 +209,34 @@ def test_the_documented_queries_run_and_count_right(nights):
     assert len(topk) == 10, "one ranking per night"
 
 
-def test_a_shard_of_schema_v1_reads_together_with_a_current_one(nights, tmp_path):
+def test_shards_of_schema_v1_v2_and_v3_read_together(nights, tmp_path):
     current = sorted((nights["out"] / f"run_date={NIGHTS[0]}").glob("part-*.parquet"))[0]
     new = tmp_path / "run_date=2024-05-01" / current.name
     new.parent.mkdir()
     new.write_bytes(current.read_bytes())
     v1_rows = pq.read_table(current).select([f.name for f in ROW_FIELDS])  # v1 had exactly these nine columns
     v1 = v1_rows.cast(pa.schema(ROW_FIELDS)).replace_schema_metadata({"schema_version": "1"})
-    old = tmp_path / "run_date=2024-04-30" / "part-00000-0123456789ab.parquet"
-    old.parent.mkdir()
-    pq.write_table(v1, old)
-    assert pq.read_schema(old).metadata[b"schema_version"] == b"1"
-    assert pq.read_schema(new).metadata[b"schema_version"] == b"2"
+    v2 = pq.read_table(current).select([f.name for f in ROW_FIELDS + RUN_FIELDS])  # v2 added the run's columns
+    v2 = v2.cast(pa.schema(ROW_FIELDS + RUN_FIELDS)).replace_schema_metadata({"schema_version": "2"})
+    old, older = (tmp_path / f"run_date=2024-04-{day}" / "part-00000-0123456789ab.parquet" for day in (30, 29))
+    for table, path in ((v1, older), (v2, old)):
+        path.parent.mkdir()
+        pq.write_table(table, path)
+    assert [pq.read_schema(path).metadata[b"schema_version"] for path in (older, old, new)] == [b"1", b"2", b"3"]
 
     table = _documented_dataset(tmp_path).to_table()
-    by_night = {day: table.filter(pa.compute.equal(table["run_date"], day)) for day in
-                (datetime.date(2024, 4, 30), datetime.date(2024, 5, 1))}
-    assert by_night[datetime.date(2024, 4, 30)]["run_id"].null_count == v1.num_rows
-    assert by_night[datetime.date(2024, 5, 1)]["run_id"].null_count == 0
-    assert by_night[datetime.date(2024, 4, 30)]["path"].to_pylist() == by_night[datetime.date(2024, 5, 1)][
-        "path"].to_pylist()
+    by_night = {day: table.filter(pa.compute.equal(table["run_date"], datetime.date(2024, *day))) for day in
+                ((4, 29), (4, 30), (5, 1))}
+    assert [by_night[day]["run_id"].null_count for day in by_night] == [v1.num_rows, 0, 0]
+    assert [by_night[day]["file_size"].null_count for day in by_night] == [v1.num_rows, v1.num_rows, 0]
+    assert by_night[(4, 29)]["path"].to_pylist() == by_night[(5, 1)]["path"].to_pylist()
 
     con = _view(tmp_path)
     types = dict(con.execute("SELECT column_name, column_type FROM (DESCRIBE predictions)").fetchall())
     assert types == DUCKDB_TYPES
-    nulls = con.execute("SELECT run_date, count(*), count(run_id), count(run_started_at), count(logits) "
+    nulls = con.execute("SELECT run_date, count(*), count(run_id), count(file_mtime), count(logits) "
                         "FROM predictions GROUP BY 1 ORDER BY 1").fetchall()
     rows, with_logits = v1.num_rows, v1["logits"].length() - v1["logits"].null_count
-    assert nulls == [(datetime.date(2024, 4, 30), rows, 0, 0, with_logits),
+    assert nulls == [(datetime.date(2024, 4, 29), rows, 0, 0, with_logits),
+                     (datetime.date(2024, 4, 30), rows, rows, 0, with_logits),
                      (datetime.date(2024, 5, 1), rows, rows, rows, with_logits)]

@@ -1,7 +1,10 @@
 #!/bin/bash
-# Nightly classification from cron: tonight's run goes into its own dated partition, two runs never overlap.
+# Nightly classification from cron: tonight's run goes into its own dated partition, two runs never overlap, and
+# by default each night is incremental: it classifies only the files new or changed since the last finished night
+# and gives each file deleted since then a `deleted` row (docs/operations.md "Incremental nights").
 #
 #   jobs/cron/nightly.sh INPUT OUTPUT [classify options]
+#   INCREMENTAL=0 jobs/cron/nightly.sh INPUT OUTPUT ...    every night classifies every file instead
 #
 # crontab line (02:15 every night; cron mails nothing, the log has everything):
 #   15 2 * * * /path/to/repo/jobs/cron/nightly.sh /data/images /data/labels --weights imagenet >/dev/null 2>&1
@@ -40,6 +43,12 @@ if [ ! -x "$python" ]; then
     exit 2
 fi
 
-echo "$(date -Is) nightly run $run_date: $python -m pipeline classify $input $output --partition run_date=$run_date $*" >>"$log"
+incremental=()
+if [ "${INCREMENTAL:-1}" != 0 ]; then
+    incremental=(--incremental)
+fi
+
+echo "$(date -Is) nightly run $run_date: $python -m pipeline classify $input $output --partition run_date=$run_date ${incremental[*]} $*" >>"$log"
 # exec: Python gets cron's or a person's signals directly, and its exit code is this script's
-exec "$python" -m pipeline classify "$input" "$output" --partition "run_date=$run_date" --progress log "$@" >>"$log" 2>&1
+exec "$python" -m pipeline classify "$input" "$output" --partition "run_date=$run_date" "${incremental[@]}" \
+    --progress log "$@" >>"$log" 2>&1
