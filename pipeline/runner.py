@@ -82,9 +82,13 @@ def run(config: Config) -> Summary:
     folder = RunFolder(config.run_dir)
     ranks.refuse_if_busy(folder, rank)  # a second run on a busy OUTPUT is refused here, in well under a second
 
+    importing = time.monotonic()
     from pipeline import prepare, stop  # imports torch
 
+    imported = time.monotonic()
     prepared = prepare.prepare(config, source)  # the model and every option checked: still nothing written
+    _logger.debug("torch and torchvision imported in %.2f s, the model built and the options checked in %.2f s",
+                  imported - importing, time.monotonic() - imported)
     try:
         config.run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
