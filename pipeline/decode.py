@@ -88,18 +88,21 @@ def decode_file(path: Path, preprocess: Preprocess, max_pixels: int = DEFAULT_MA
         return decode_stream(file, preprocess, max_pixels, draft)
 
 
-def gpu_decodable(data: bytes) -> bool:
-    """A baseline-or-progressive JPEG nvJPEG can take as is: RGB or grey, upright, complete, not huge, not a
-    pile of scans.
+def gpu_jpeg_shape(data: bytes) -> tuple[int, int] | None:
+    """The (height, width) of a baseline-or-progressive JPEG nvJPEG can take as is: RGB or grey, upright,
+    complete, not huge, not a pile of scans; None for anything else.
 
     Everything else (other formats, CMYK, EXIF-rotated, truncated, over GPU_MAX_PIXELS or GPU_MAX_SCANS) is decoded
-    by Pillow in the worker, so every path meets the same checks and gives the same errors.
+    by Pillow in the worker, so every path meets the same checks and gives the same errors. The shape, read here
+    from the header anyway, lets the GPU decoder bound its memory before it decodes a pixel.
     """
     if not (data[:3] == b"\xff\xd8\xff" and data[-2:] == b"\xff\xd9") or data.count(b"\xff\xda") > GPU_MAX_SCANS:
-        return False  # 0xFFDA starts a scan: entropy-coded data never holds it (an 0xFF there is followed by 0x00)
+        return None  # 0xFFDA starts a scan: entropy-coded data never holds it (an 0xFF there is followed by 0x00)
     with Image.open(io.BytesIO(data), formats=["JPEG"]) as image:
-        return (image.mode in ("RGB", "L") and image.width * image.height <= GPU_MAX_PIXELS
-                and image.getexif().get(ORIENTATION_TAG, 1) == 1)
+        if (image.mode in ("RGB", "L") and image.width * image.height <= GPU_MAX_PIXELS
+                and image.getexif().get(ORIENTATION_TAG, 1) == 1):
+            return image.height, image.width
+        return None
 
 
 def describe_error(error: Exception) -> str:
@@ -153,6 +156,7 @@ class Sample:
     index: int
     image: torch.Tensor | None = None  # uint8 CHW, decoded by the worker
     encoded: bytes | None = None  # a JPEG file left to the GPU decoder
+    encoded_shape: tuple[int, int] | None = None  # its (height, width), from its header
     error: str | None = None
 
 
@@ -166,6 +170,8 @@ class Batch:
     decoded_at: list[int]  # their positions in the batch
     encoded: torch.Tensor  # uint8 [total bytes]: the JPEG files left to the GPU decoder, end to end
     encoded_sizes: list[int]  # each file's length in encoded (one tensor crosses processes, not 256)
+    encoded_shapes: list[tuple[int, int] | None]  # each file's (height, width) from its header, None if unknown:
+    #   the GPU decoder bounds its memory by decoded pixels before decoding
     encoded_at: list[int]  # their positions in the batch
 
     def jpegs(self) -> list[torch.Tensor]:
@@ -224,19 +230,20 @@ class ImageFiles(Dataset):
                 data = file.read(self.max_bytes + 1)  # a file that grew since it was opened is read no further
             if len(data) > self.max_bytes:
                 raise Unusable(causes.TOO_LARGE, f"it grew past the limit {self.max_bytes} while read")
-            if self._for_the_gpu(data):
-                return Sample(index, encoded=data)
+            shape = self._for_the_gpu(data)
+            if shape is not None:
+                return Sample(index, encoded=data, encoded_shape=shape)
             return Sample(index, image=decode_bytes(data, self.preprocess, self.max_pixels, self.draft))
         except Exception as error:  # any failure of one file is that file's error row
             return Sample(index, error=describe_error(error))
 
-    def _for_the_gpu(self, data: bytes) -> bool:
-        """gpu_decodable within the pixel limit; any doubt goes to Pillow, which names the cause."""
+    def _for_the_gpu(self, data: bytes) -> tuple[int, int] | None:
+        """gpu_jpeg_shape within the pixel limit; any doubt goes to Pillow (None), which names the cause."""
         try:
             with pixel_limit(self.max_pixels):
-                return gpu_decodable(data)
+                return gpu_jpeg_shape(data)
         except Exception:
-            return False
+            return None
 
 
 def collate(samples: list[Sample]) -> Batch:
@@ -251,6 +258,7 @@ def collate(samples: list[Sample]) -> Batch:
         decoded_at=decoded_at,
         encoded=torch.frombuffer(bytearray(jpegs), dtype=torch.uint8) if jpegs else torch.empty(0, dtype=torch.uint8),
         encoded_sizes=[len(samples[i].encoded) for i in encoded_at],
+        encoded_shapes=[samples[i].encoded_shape for i in encoded_at],
         encoded_at=encoded_at,
     )
 
@@ -267,6 +275,7 @@ def join(batches: list[Batch]) -> Batch:
         decoded_at=[start + i for batch, start in zip(batches, starts, strict=True) for i in batch.decoded_at],
         encoded=torch.cat(encoded) if encoded else torch.empty(0, dtype=torch.uint8),
         encoded_sizes=[size for batch in batches for size in batch.encoded_sizes],
+        encoded_shapes=[shape for batch in batches for shape in batch.encoded_shapes],
         encoded_at=[start + i for batch, start in zip(batches, starts, strict=True) for i in batch.encoded_at],
     )
 

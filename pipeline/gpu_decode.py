@@ -21,11 +21,16 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.ops import roi_align
 
-from pipeline.decode import Batch, Preprocess, decode_bytes, describe_error
+from pipeline.decode import GPU_MAX_PIXELS, Batch, Preprocess, decode_bytes, describe_error
 
 _logger = logging.getLogger(__name__)
 
+DECODE_PIXELS = 128_000_000  # decoded pixels per nvJPEG call (384 MB of RGB): a batch of 256 photos of up to
+#   0.5 MP stays one call, which is what makes nvJPEG fast; 256 photos of 12 MP (9 GB) about 25 calls, each
+#   group freed before the next is decoded
 RESIZE_CHUNK = 32  # images padded together for one roi_align call (32 beat 64, 128 and 256 on an H100)
+RESIZE_PIXELS = 32_000_000  # padded pixels per roi_align call (384 MB of float32 RGB): 32 images of up to
+#   1000 x 1000, but two of 12 MP, not 32 padded to 4.6 GB
 
 
 class GpuDecoder:
@@ -123,27 +128,30 @@ class GpuDecoder:
         """Resize-then-center-crop images[i] into out[rows[i]], a few roi_align calls per batch (area
         sampling antialiases); agrees with Pillow's antialiased bilinear resize to a logit cosine of 0.9999.
 
-        Images are padded to a common size per chunk of similar sizes, bounding the padding memory.
-        No Python runs per image beyond reading its shape: the padding is two nested-tensor calls, and
-        the batch's row numbers and boxes cross to the device in two copies.
+        Images are padded to a common size per chunk of similar sizes (resize_chunks), bounding the padding
+        memory; an image's row does not depend on the others in its chunk. No Python runs per image beyond
+        reading its shape: the padding is two nested-tensor calls, and the batch's row numbers and boxes cross
+        to the device in two copies.
         """
         sizes = np.array([image.shape[1:] for image in images], dtype=np.int64).reshape(-1, 2)
         order = np.argsort(sizes[:, 0] * sizes[:, 1], kind="stable")
-        in_chunk = np.arange(len(images)) % RESIZE_CHUNK  # roi_align's image index, within each chunk
-        rois = np.concatenate([in_chunk[:, None], self.crop_boxes(sizes[order])], axis=1).astype(np.float32)
+        boxes = self.crop_boxes(sizes[order])
+        chunks = resize_chunks(sizes[order], boxes)
+        in_chunk = np.concatenate([np.arange(end - start) for start, end in chunks] or [[]])  # roi_align's image index
+        rois = np.concatenate([in_chunk[:, None], boxes], axis=1).astype(np.float32)
         rois_on_device, rows_on_device = self._on_device(rois), self._on_device(rows[order])
-        for start in range(0, len(order), RESIZE_CHUNK):
-            chunk = order[start : start + RESIZE_CHUNK]
+        for start, end in chunks:
+            chunk = order[start:end]
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "nested tensors are a prototype"
                 nested = torch.nested.nested_tensor([images[i] for i in chunk]).to(torch.float32)
                 padded = torch.nested.to_padded_tensor(nested, 0.0)  # float32 pads in one kernel, uint8 image
                 #   by image; float32 also because in half precision, roi_align's sample positions past
                 #   pixel 512 would round to half a pixel
-            pixels = roi_align(padded, rois_on_device[start : start + len(chunk)],
+            pixels = roi_align(padded, rois_on_device[start:end],
                                output_size=self.preprocess.crop_size, spatial_scale=1.0, sampling_ratio=-1,
                                aligned=True)
-            out.index_copy_(0, rows_on_device[start : start + len(chunk)], pixels.to(out.dtype))
+            out.index_copy_(0, rows_on_device[start:end], pixels.to(out.dtype))
 
     def _on_device(self, array: np.ndarray) -> torch.Tensor:
         """A small host array on the device, without waiting: a copy from pageable memory would block
@@ -157,13 +165,34 @@ class GpuDecoder:
         """The batch's ok images in order, and their count; files that no decoder takes become errors.
 
         The tensor always has batch_size rows (zeros past the ok ones), so every model call has the
-        same shape.
+        same shape. The JPEGs are decoded a group at a time (decode_groups), each resized into its rows
+        before the next is decoded.
         """
-        gpu_decoded, host_decoded = [], []  # (position, image)
+        size = self.preprocess.crop_size
+        rows = torch.zeros((max(self.batch_size, len(batch.errors)), 3, size, size), dtype=self.dtype,
+                           device=self.device)
+        host_decoded = []  # (position, image): the workers' images and Pillow's, placed once every error is known
         if batch.decoded_at:
             host_decoded += zip(batch.decoded_at, batch.images.to(self.device, non_blocking=True), strict=True)
         jpegs = batch.jpegs()
-        for position, data, image in zip(batch.encoded_at, jpegs, self._decode_all(jpegs), strict=True):
+        for number, group in enumerate(decode_groups(batch.encoded_shapes)):
+            if number and self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()  # the last group's images return to the
+                #   pool only once their resize ran (record_stream): wait for it, so one group is alive at a time
+            self._decode_group(batch, group, jpegs, rows, host_decoded)
+        ok = np.array([error is None for error in batch.errors], dtype=bool)
+        if host_decoded:
+            at = self._on_device(_row_numbers(ok)[[position for position, _ in host_decoded]])
+            rows.index_copy_(0, at, torch.stack([image for _, image in host_decoded]).to(self.dtype))
+        return rows, int(ok.sum())
+
+    def _decode_group(self, batch: Batch, group: slice, jpegs: list[torch.Tensor], rows: torch.Tensor,
+                      host_decoded: list[tuple[int, torch.Tensor]]) -> None:
+        """Decode one group of the batch's JPEGs and resize them into their rows; what nvJPEG refuses goes to
+        Pillow (into host_decoded) or becomes the file's error."""
+        gpu_decoded = []  # (position, image)
+        for position, data, image in zip(batch.encoded_at[group], jpegs[group], self._decode_all(jpegs[group]),
+                                         strict=True):
             if image is not None:
                 gpu_decoded.append((position, image))
                 continue
@@ -171,17 +200,51 @@ class GpuDecoder:
                 host_decoded.append((position, decode_bytes(data.numpy().tobytes(), self.preprocess).to(self.device)))
             except Exception as error:
                 batch.errors[position] = describe_error(error)
-        row_of = {position: row for row, position in enumerate(i for i, e in enumerate(batch.errors) if e is None)}
-        size = self.preprocess.crop_size
-        rows = torch.zeros((max(self.batch_size, len(batch.errors)), 3, size, size), dtype=self.dtype,
-                           device=self.device)
-        if gpu_decoded:
-            self.resize_into(rows, np.array([row_of[position] for position, _ in gpu_decoded]),
+        if gpu_decoded:  # the errors of every position up to this group's are known: later groups lie after it
+            row_of = _row_numbers(np.array([error is None for error in batch.errors], dtype=bool))
+            self.resize_into(rows, row_of[[position for position, _ in gpu_decoded]],
                              [image for _, image in gpu_decoded])
-        if host_decoded:
-            at = self._on_device(np.array([row_of[position] for position, _ in host_decoded]))
-            rows.index_copy_(0, at, torch.stack([image for _, image in host_decoded]).to(self.dtype))
-        return rows, len(row_of)
+
+
+def _row_numbers(ok: np.ndarray) -> np.ndarray:
+    """The row of each position of a batch whose ok positions are `ok`: the ok ones before it."""
+    return np.cumsum(ok) - 1
+
+
+def decode_groups(shapes: list[tuple[int, int] | None]) -> list[slice]:
+    """Consecutive runs of a batch's JPEGs of at most DECODE_PIXELS decoded pixels each, in order; an image
+    over the budget alone. A shape the worker did not read counts as the largest it hands over."""
+    ends = np.cumsum([shape[0] * shape[1] if shape else GPU_MAX_PIXELS for shape in shapes], dtype=np.int64)
+    groups, start = [], 0
+    while start < len(ends):
+        before = ends[start - 1] if start else 0
+        end = max(start + 1, int(np.searchsorted(ends, before + DECODE_PIXELS, side="right")))
+        groups.append(slice(start, end))
+        start = end
+    return groups
+
+
+def resize_chunks(sizes: np.ndarray, boxes: np.ndarray) -> list[tuple[int, int]]:
+    """Runs [start, end) of images (sizes [n, 2], sorted by area; their crop boxes) padded together for one
+    roi_align call: at most RESIZE_CHUNK, of at most RESIZE_PIXELS padded (count x tallest x widest).
+
+    An image whose box ends within half a pixel of its bottom or right side (a side under 8 pixels, for a
+    256/224 resize and crop) goes alone: roi_align's last samples there would blend in the padding, not clamp
+    to the edge, and its row would depend on its neighbours. Any other image's samples lie inside it, so
+    padding never changes a row.
+    """
+    near_edge = (boxes[:, 2] > sizes[:, 1] - 0.5) | (boxes[:, 3] > sizes[:, 0] - 0.5)
+    chunks, start = [], 0
+    while start < len(sizes):
+        end = min(start + RESIZE_CHUNK, len(sizes))
+        padded = (np.arange(1, end - start + 1) * np.maximum.accumulate(sizes[start:end, 0])
+                  * np.maximum.accumulate(sizes[start:end, 1]))
+        cut = (padded > RESIZE_PIXELS) | near_edge[start:end]
+        cut[0] = False  # the first image goes in whatever its size
+        length = 1 if near_edge[start] else int(np.argmax(cut)) if cut.any() else end - start
+        chunks.append((start, start + length))
+        start += length
+    return chunks
 
 
 def decode_ahead(batches: Iterable[Batch], decoder: GpuDecoder, threads: int | None = None

@@ -61,7 +61,9 @@ class Classifier:
         self.memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
         # cudnn.benchmark stays off: on an H100 its tuning added 0.4-1.3 s to the first forward and the
         #   tuned forward was no faster (docs/benchmarks.md)
+        started = time.monotonic()
         self.model = model.to(device=device, dtype=dtype, memory_format=self.memory_format).eval()
+        _logger.debug("the model is on %s after %.2f s", device, time.monotonic() - started)
         self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         self.topk = topk

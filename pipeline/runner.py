@@ -84,9 +84,13 @@ def run(config: Config) -> Summary:
     folder = RunFolder(config.run_dir)
     ranks.refuse_if_busy(folder, rank)  # a second run on a busy OUTPUT is refused here, in well under a second
 
+    importing = time.monotonic()
     from pipeline import prepare, stop  # imports torch
 
+    imported = time.monotonic()
     prepared = prepare.prepare(config, source)  # the model and every option checked: still nothing written
+    _logger.debug("torch and torchvision imported in %.2f s, the model built and the options checked in %.2f s",
+                  imported - importing, time.monotonic() - imported)
     if not folder.has_plan():  # refused before any write here; checked again where the night is planned, locked
         layout.check_no_unfinished_twin(config.output_dir, config.partition, prepared.identity)
     try:

@@ -5,14 +5,17 @@
 
 Every figure is a whole process started here: wall time from spawn to exit, the time until the
 job logs its first batch on the device, its steady rate (first batch to last commit, from its
-summary line), peak RSS of the main process and of its process tree, and peak GPU memory.
+summary line), peak RSS of the main process and of its process tree, and peak GPU memory (PyTorch's
+allocator; for the big photos also the driver's count, nvidia-smi, which sees nvJPEG's own buffers).
 Also checks the GPU path's logits against the CPU fp32 path on real photos (seeded weights with
-non-trivial BatchNorm statistics). Prints a table last.
+non-trivial BatchNorm statistics). Prints a table last. `--only startup` times a job's start phase by
+phase (scripts/bench_startup.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -23,12 +26,20 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_startup import print_startup, startup
 from repo_env import REPO, repo_env
 
 ENVIRONMENT = ("PYTHONDONTWRITEBYTECODE", "PYTHONPYCACHEPREFIX", "PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF",
                "CUDA_VISIBLE_DEVICES")  # what changes the figures without changing the code: saved with them
-MILESTONES = {"planned_s": "INFO pipeline.runner: planned ", "classifying_s": "INFO pipeline.runner: classifying ",
-              "first_batch_s": "first batch on"}  # seconds from spawn to the job's log line that says so
+MILESTONES = {"prepared_s": "pipeline.runner: torch and torchvision imported in",  # DEBUG: only under -v
+              "planned_s": "INFO pipeline.runner: planned ",
+              "model_on_device_s": "pipeline.infer: the model is on ",  # DEBUG
+              "classifying_s": "INFO pipeline.runner: classifying ",  # the workers have started
+              "workers_first_batch_s": "first batch from the workers",  # DEBUG
+              "first_batch_s": "first batch on",
+              "done_s": "INFO pipeline: done: images="}  # seconds from spawn to the job's log line that says so
+IMPORTED = {"site": "python_started_s", "torch": "torch_imported_s", "torchvision": "torchvision_imported_s"}  # under
+#   python -X importtime: seconds from spawn to the line that ends the module's first import
 
 
 def _tree_rss_kib(pid: int) -> tuple[int, int]:
@@ -59,9 +70,22 @@ def _tree_rss_kib(pid: int) -> tuple[int, int]:
     return rss(pid), total
 
 
-def run_process(args: list[str], log_path: Path) -> dict:
-    """Run one whole process; time it, watch its memory, note when it logs its MILESTONES."""
+def _gpu_used_mib() -> float | None:
+    """Memory in use on the machine's GPUs as the driver counts it: CUDA contexts and nvJPEG's own buffers too,
+    which PyTorch's max_memory_reserved does not see. None without nvidia-smi."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=5).stdout
+        return sum(float(used) for used in out.split())
+    except (OSError, subprocess.TimeoutExpired, ValueError):
+        return None
+
+
+def run_process(args: list[str], log_path: Path, watch_gpu: bool = False) -> dict:
+    """Run one whole process; time it, watch its memory (watch_gpu: the GPUs' too, with nvidia-smi), note when it
+    logs its MILESTONES."""
     env = repo_env(PYTHONUNBUFFERED="1")
+    gpu = {"before": _gpu_used_mib() if watch_gpu else None, "peak": None}
     started = time.monotonic()
     process = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
     seen: dict = {**dict.fromkeys(MILESTONES), "summary": None}
@@ -71,6 +95,11 @@ def run_process(args: list[str], log_path: Path) -> dict:
         with open(log_path, "w") as log:
             for line in process.stderr:
                 log.write(line)
+                if line.startswith("import time:"):
+                    key = IMPORTED.get(line.rsplit("|", 1)[-1].strip())
+                    if key is not None and key not in seen:
+                        seen[key] = time.monotonic() - started
+                    continue
                 for key, marker in MILESTONES.items():
                     if seen[key] is None and marker in line:
                         seen[key] = time.monotonic() - started
@@ -82,20 +111,32 @@ def run_process(args: list[str], log_path: Path) -> dict:
     while process.poll() is None:
         main_rss, tree_rss = _tree_rss_kib(process.pid)
         peaks = [max(peaks[0], main_rss), max(peaks[1], tree_rss)]
-        time.sleep(0.2)
+        used = _gpu_used_mib() if watch_gpu else None
+        if used is not None:
+            gpu["peak"] = max(gpu["peak"] or 0.0, used)
+        try:
+            process.wait(timeout=0.2)  # not a sleep: the exit is timed to the millisecond
+        except subprocess.TimeoutExpired:
+            pass
+    wall = time.monotonic() - started
     reader.join()
-    result = {"rc": process.returncode, "wall_s": time.monotonic() - started,
-              **{key: seen[key] for key in MILESTONES}, "main_rss_mib": peaks[0] / 1024,
+    result = {"rc": process.returncode, "wall_s": wall, **{key: seen[key] for key in MILESTONES},
+              **{key: seen[key] for key in IMPORTED.values() if key in seen}, "main_rss_mib": peaks[0] / 1024,
               "tree_rss_mib": peaks[1] / 1024, "log": str(log_path)}
+    if watch_gpu:
+        result.update(gpu_used_before_mib=gpu["before"], gpu_used_peak_mib=gpu["peak"])
     if seen["summary"]:
         for key, value in re.findall(r"(\w+(?:/s)?)=([\d.]+)", seen["summary"]):
             result[key] = float(value)
     return result
 
 
-def job(corpus: Path, out: Path, logs: Path, name: str, *options: str) -> dict:
-    args = [sys.executable, "-m", "pipeline", "classify", str(corpus), str(out), "--progress", "log", *options]
-    result = run_process(args, logs / f"{name}.log")
+def job(corpus: Path, out: Path, logs: Path, name: str, *options: str, python: tuple[str, ...] = (),
+        watch_gpu: bool = False) -> dict:
+    """One job from spawn to exit; python: the interpreter's own options (-X importtime)."""
+    args = [sys.executable, *python, "-m", "pipeline", "classify", str(corpus), str(out), "--progress", "log",
+            *options]
+    result = run_process(args, logs / f"{name}.log", watch_gpu)
     result["images_per_s"] = result.get("images", 0) / result["wall_s"]
     return result
 
@@ -140,7 +181,7 @@ def big_photos(photos: Path, work: Path, logs: Path, workers: list[str]) -> dict
     torch.save(nontrivial_state_dict("resnet18"), weights)
     runs = {"gpu": [], "cpu-decode": ["--decode", "cpu"], "cpu-decode-draft": ["--decode", "cpu", "--jpeg-draft"]}
     result = {name: job(photos, work / f"out-big-{name}", logs, f"big-{name}", "--weights", str(weights), *options,
-                        *workers) for name, options in runs.items()}
+                        *workers, watch_gpu=True) for name, options in runs.items()}
     result["draft_vs_whole"] = compare(logits_of(work / "out-big-cpu-decode-draft"),
                                        logits_of(work / "out-big-cpu-decode"))
     return result
@@ -194,12 +235,14 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=16)
     parser.add_argument("--job-options", default="", help="extra options for the job runs, e.g. --decode cpu")
     parser.add_argument("--only", default="job,agree,cpu-decode,png,small,plain,timm,models,big",
-                        help="comma list of the runs to do")
+                        help="comma list of the runs to do; also 'startup' (scripts/bench_startup.py), not by default")
     parser.add_argument("--models", default="resnet18,resnet50,efficientnet_b0,vit_b_16",
                         help="for the run 'models': each model's job on the small corpus (--model M), its forward "
                              "rate alone, and its GPU-path agreement with the CPU fp32 path")
     parser.add_argument("--agree-count", type=int, default=1000, help="photos in the agreement corpus")
     parser.add_argument("--big", type=int, default=2000, help="2-12 megapixel photos in the corpus of the run 'big'")
+    parser.add_argument("--startup-count", type=int, default=2000, help="photos of each job of the run 'startup'")
+    parser.add_argument("--startup-runs", type=int, default=3, help="timed jobs of the run 'startup', per variant")
     args = parser.parse_args()
     import torch  # here, so that --help needs no torch
 
@@ -211,23 +254,26 @@ def main() -> None:
     logs.mkdir(parents=True, exist_ok=True)
     results: dict = {"argv": sys.argv, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                      "environment": {name: os.environ.get(name) for name in ENVIRONMENT}}
-    big, small = corpus(args.work, args.count), corpus(args.work, args.small)
+    big = functools.partial(corpus, args.work, args.count)  # made by the first run that needs it: --only big or
+    small = functools.partial(corpus, args.work, args.small)  # --only startup make no 100,000 photos first
     workers = ["--workers", str(args.workers), *args.job_options.split()]
     runs = [
-        ("job", lambda: job(big, args.work / "out-job", logs, "job", "--weights", "random", *workers)),
-        ("small", lambda: job(small, args.work / "out-small", logs, "small", "--weights", "random", *workers)),
-        ("cpu-decode", lambda: job(small, args.work / "out-cpu", logs, "cpu-decode", "--weights", "random",
+        ("job", lambda: job(big(), args.work / "out-job", logs, "job", "--weights", "random", *workers)),
+        ("small", lambda: job(small(), args.work / "out-small", logs, "small", "--weights", "random", *workers)),
+        ("cpu-decode", lambda: job(small(), args.work / "out-cpu", logs, "cpu-decode", "--weights", "random",
                                    "--decode", "cpu", *workers)),
         ("png", lambda: job(corpus(args.work, args.small // 2, "png,webp"), args.work / "out-png", logs, "png",
                             "--weights", "random", *workers)),
         ("agree", lambda: agreement("resnet18", corpus(args.work, args.agree_count), args.work, logs)),
         ("big", lambda: big_photos(corpus(args.work, args.big, width="1600-4000"), args.work, logs, workers)),
-        ("plain", lambda: baseline("plain", big, logs, args.workers)),
-        ("timm", lambda: baseline("timm", big, logs, args.workers)),
+        ("plain", lambda: baseline("plain", big(), logs, args.workers)),
+        ("timm", lambda: baseline("timm", big(), logs, args.workers)),
+        ("startup", lambda: startup(corpus(args.work, args.startup_count), args.work, logs, job, args.startup_runs,
+                                    workers)),
     ]
     if "models" in only:
         for arch in args.models.split(","):
-            runs += [(f"model-{arch}", lambda arch=arch: job(small, args.work / f"out-model-{arch}", logs,
+            runs += [(f"model-{arch}", lambda arch=arch: job(small(), args.work / f"out-model-{arch}", logs,
                                                              f"model-{arch}", "--model", arch, "--weights", "random",
                                                              *workers)),
                      (f"alone-{arch}", lambda arch=arch: model_alone(arch)),
@@ -245,12 +291,13 @@ def main() -> None:
     rows = {**{name: r for name, r in results.items() if isinstance(r, dict)},
             **{f"big/{sub}": r for sub, r in results.get("big", {}).items()}}
     print(f"\n{'run':<24}{'images':>8}{'wall s':>8}{'img/s':>9}{'steady':>9}{'1st s':>7}{'rss MiB':>9}"
-          f"{'tree MiB':>10}{'gpu GiB':>8}{'plan s':>8}")
+          f"{'tree MiB':>10}{'gpu GiB':>8}{'plan s':>8}{'smi GiB':>8}")
     for name, r in rows.items():
         if "wall_s" in r:
             print(f"{name:<24}{r.get('images', 0):>8.0f}{r['wall_s']:>8.1f}{r['images_per_s']:>9.0f}"
                   f"{r.get('steady_img/s', 0):>9.0f}{r.get('first_batch_s') or 0:>7.1f}{r['main_rss_mib']:>9.0f}"
-                  f"{r['tree_rss_mib']:>10.0f}{r.get('gpu_peak_gib', 0):>8.2f}{r.get('planned_s') or 0:>8.1f}")
+                  f"{r['tree_rss_mib']:>10.0f}{r.get('gpu_peak_gib', 0):>8.2f}{r.get('planned_s') or 0:>8.1f}"
+                  f"{(r.get('gpu_used_peak_mib') or 0) / 1024:>8.2f}")
     for name, r in rows.items():
         if name.startswith("alone-"):
             print(f"{name:<24} model alone, fp16 batch {r['batch']}: {r['images_per_s']:.0f} img/s")
@@ -258,6 +305,8 @@ def main() -> None:
             print(f"{name:<24} GPU path vs CPU fp32:", json.dumps(r))
         if name == "big/draft_vs_whole":
             print(f"{name:<24} --jpeg-draft vs whole decode (CPU path):", json.dumps(r))
+    if "startup" in results:
+        print_startup(results["startup"])
 
 if __name__ == "__main__":
     main()

@@ -25,7 +25,7 @@ def _scored(indices, errors):
     probs = np.sort(rng.uniform(size=(n_ok, 2)).astype(np.float32), axis=1)[:, ::-1].copy()
     decoded_at = [i for i, error in enumerate(errors) if error is None]
     batch = Batch(torch.tensor(indices), errors, torch.zeros((n_ok, 3, 2, 2), dtype=torch.uint8), decoded_at,
-                  torch.empty(0, dtype=torch.uint8), [], [])
+                  torch.empty(0, dtype=torch.uint8), [], [], [])
     return Scored(batch, logits, order, probs)
 
 
