@@ -26,8 +26,9 @@ from pipeline.decode import GPU_MAX_PIXELS, Batch, Preprocess, decode_bytes, des
 _logger = logging.getLogger(__name__)
 
 DECODE_PIXELS = 128_000_000  # decoded pixels per nvJPEG call (384 MB of RGB): a batch of 256 photos of up to
-#   0.5 MP stays one call, which is what makes nvJPEG fast; 256 photos of 12 MP (9 GB) about 25 calls, each
-#   group freed before the next is decoded
+#   0.5 MP stays one call, which is what makes nvJPEG fast; 256 photos of 12 MP (9 GB) about 25 calls
+GROUPS_ALIVE = 2  # decoded groups a decode thread holds at once: one resized while the next decodes (one alone:
+#   2-12 MP photos went 1,384 -> 749 img/s steady on an H200, docs/benchmarks.md)
 RESIZE_CHUNK = 32  # images padded together for one roi_align call (32 beat 64, 128 and 256 on an H100)
 RESIZE_PIXELS = 32_000_000  # padded pixels per roi_align call (384 MB of float32 RGB): 32 images of up to
 #   1000 x 1000, but two of 12 MP, not 32 padded to 4.6 GB
@@ -175,11 +176,15 @@ class GpuDecoder:
         if batch.decoded_at:
             host_decoded += zip(batch.decoded_at, batch.images.to(self.device, non_blocking=True), strict=True)
         jpegs = batch.jpegs()
-        for number, group in enumerate(decode_groups(batch.encoded_shapes)):
-            if number and self.device.type == "cuda":
-                torch.cuda.current_stream(self.device).synchronize()  # the last group's images return to the
-                #   pool only once their resize ran (record_stream): wait for it, so one group is alive at a time
+        resized: deque[torch.cuda.Event] = deque()  # each group's resize, queued on this thread's stream
+        for group in decode_groups(batch.encoded_shapes):
+            if len(resized) == GROUPS_ALIVE:  # a group's images return to the pool only once their resize ran
+                resized.popleft().synchronize()  # (record_stream): wait for the oldest, so that at most
+                #   GROUPS_ALIVE groups hold memory, one decoding while the one before it is resized
             self._decode_group(batch, group, jpegs, rows, host_decoded)
+            if self.device.type == "cuda":
+                resized.append(torch.cuda.Event())
+                resized[-1].record(torch.cuda.current_stream(self.device))
         ok = np.array([error is None for error in batch.errors], dtype=bool)
         if host_decoded:
             at = self._on_device(_row_numbers(ok)[[position for position, _ in host_decoded]])
