@@ -67,6 +67,8 @@ def open_source(config: Config):
 def encode_path(relative: str) -> str:
     """A relative path (os.fsdecode's text, undecodable bytes as surrogates) as valid UTF-8 text that names exactly
     one file: every backslash doubled, every byte that is not UTF-8 written \\xNN. decode_path reverses it."""
+    if relative.isascii() and "\\" not in relative:  # most names: nothing to escape (and the listing's hot path)
+        return relative
     return _RAW_BYTE.sub(lambda m: f"\\x{ord(m.group()) - 0xDC00:02x}", relative.replace("\\", "\\\\"))
 
 
