@@ -228,6 +228,61 @@ def test_a_throttled_object_is_retried_then_an_error_row(monkeypatch):
     assert SECRET not in str(raised.value)
 
 
+class _DenyOne(http.server.BaseHTTPRequestHandler):
+    """A proxy in front of the moto server that answers 403 AccessDenied to GETs of one key, as a bucket policy
+    denying that object would; every other request goes through unchanged."""
+
+    upstream = ""
+    denied = ""
+    body = b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>'
+
+    def _answer(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+        self.send_response(status)
+        for name, value in headers:
+            if name.lower() not in ("transfer-encoding", "connection", "content-length"):
+                self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _forward(self) -> None:
+        if self.command == "GET" and self.path.split("?")[0].endswith(self.denied):
+            return self._answer(403, [("Content-Type", "application/xml")], self.body)
+        length = int(self.headers.get("Content-Length") or 0)
+        request = urllib.request.Request(self.upstream + self.path, data=self.rfile.read(length) if length else None,
+                                         method=self.command, headers=dict(self.headers.items()))
+        try:
+            with urllib.request.urlopen(request) as response:
+                self._answer(response.status, response.getheaders(), response.read())
+        except urllib.error.HTTPError as error:
+            self._answer(error.code, error.headers.items(), error.read())
+
+    do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _forward
+
+    def log_message(self, *args):
+        pass
+
+
+def test_an_object_denied_to_these_credentials_is_an_error_row_and_the_others_are_classified(tmp_path, s3_env):
+    paths = make_corpus(tmp_path / "in", 4)
+    _bucket(s3_env, "deny-test", tmp_path / "in", "p")
+    _DenyOne.upstream, _DenyOne.denied = s3_env["AWS_ENDPOINT_URL"], f"/p/{paths[2]}"
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _DenyOne)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        run_pipeline("classify", "s3://deny-test/p/", str(tmp_path / "out"), *COMMON, "--max-error-rate", "0.5",
+                     env={**s3_env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{server.server_address[1]}"})
+    finally:
+        server.shutdown()
+
+    rows = _rows(tmp_path / "out")
+    assert rows["path"] == paths
+    errors = dict(zip(rows["path"], rows["error"], strict=True))
+    assert errors.pop(paths[2]).startswith("unreadable file: access denied")
+    assert set(errors.values()) == {None}
+
+
 def _post(url: str, data: bytes) -> None:
     urllib.request.urlopen(urllib.request.Request(url, data=data, method="POST",
                                                   headers={"Content-Type": "text/plain"}))
