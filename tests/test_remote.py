@@ -234,7 +234,8 @@ class _DenyOne(http.server.BaseHTTPRequestHandler):
 
     upstream = ""
     denied = ""
-    body = b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>'
+    body = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code>'
+            b"<Message>Access Denied</Message></Error>")
 
     def _answer(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
         self.send_response(status)
