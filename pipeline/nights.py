@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.ipc
 
 from pipeline import causes, layout
-from pipeline.fingerprint import CONTENT, hash_all
+from pipeline.fingerprint import CONTENT
 from pipeline.runfolder import RunFolder
 from pipeline.source import Listing
 
@@ -79,11 +79,9 @@ def previous_night(output_dir: Path, partition: tuple[tuple[str, str], ...]) -> 
     return max(finished, key=lambda folder: (folder.load_facts()["created_at"], folder.path.name), default=None)
 
 
-def plan_night(listing: Listing, source, output_dir: Path, partition: tuple[tuple[str, str], ...], identity: dict,
+def plan_night(listing: Listing, output_dir: Path, partition: tuple[tuple[str, str], ...], identity: dict,
                fingerprint: str, incremental: bool) -> Night:
     """Tonight's work: every listed file, or with incremental what changed since the previous night."""
-    if fingerprint == CONTENT:
-        listing.sha256 = hash_all(lambda path: source.open(path), listing.paths)
     tonight = listing_table(listing)
     if not incremental:
         return Night(listing, state=tonight, facts={"incremental": False})

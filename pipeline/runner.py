@@ -15,7 +15,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from pipeline import failures, finish, layout, lock, nights, ranks
+from pipeline import failures, fingerprint, finish, layout, lock, nights, ranks
 from pipeline.config import DEFAULT_SHARD_SIZE, Config, Refused
 from pipeline.durable import WriteError
 from pipeline.parquet import DELETED
@@ -106,9 +106,11 @@ def plan_run(config: Config, source, folder: RunFolder, identity: dict) -> Plan:
     partitioned run publishes its listing first, for the next night."""
     layout.check_no_unfinished_twin(config.output_dir, config.partition, identity)
     listing = source.list()
+    if config.fingerprint == fingerprint.CONTENT:
+        listing.sha256 = fingerprint.hash_all(lambda path: source.open(path), listing.paths)
     if not config.partition:
         return new_plan(listing, config.shard_size or DEFAULT_SHARD_SIZE, identity)
-    night = nights.plan_night(listing, source, config.output_dir, config.partition, identity, config.fingerprint,
+    night = nights.plan_night(listing, config.output_dir, config.partition, identity, config.fingerprint,
                               config.incremental)
     folder.publish_listing(nights.listing_bytes(night.state))
     the_plan = new_plan(night.work, config.shard_size or DEFAULT_SHARD_SIZE, identity, night.deleted)

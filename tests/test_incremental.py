@@ -247,3 +247,13 @@ def test_duckdb_current_state_view_is_the_folders_files_with_their_latest_predic
         assert str(date) == expected
         assert np.allclose(logits, latest[path]["logits"])
     assert RunFolder(tmp_path / "out" / "run_date=2024-05-03").load_plan().facts["deleted"] == 1
+
+
+def test_rows_record_the_content_hash_without_a_partition_too(tmp_path):
+    make_corpus(tmp_path / "in", 2)
+    run_pipeline("classify", str(tmp_path / "in"), str(tmp_path / "out"), *OPTIONS[:-1], "--fingerprint", "content")
+
+    table = pq.read_table(sorted((tmp_path / "out").glob("part-*.parquet")))
+    for path, digest in zip(table["path"].to_pylist(), table["file_sha256"].to_pylist(), strict=True):
+        assert digest == hashlib.sha256((tmp_path / "in" / path).read_bytes()).hexdigest()
+    assert not (tmp_path / "out" / "_listing.arrow").exists(), "a listing is kept for partitioned runs only"
