@@ -59,18 +59,6 @@ def _partitions(ctx: click.Context, param: click.Parameter, values: tuple[str, .
         raise click.BadParameter(str(error)) from error
 
 
-def _share(ctx: click.Context, param: click.Parameter, value: str) -> float | None:
-    if value == "auto":
-        return None
-    try:
-        share = float(value)
-    except ValueError:
-        share = -1.0
-    if not 0 <= share <= 1:
-        raise click.BadParameter(f"{value!r} is neither auto nor a number from 0 to 1")
-    return share
-
-
 def run() -> None:
     """The process's entry (`python -m pipeline`, the `pipeline` script): the command, then an immediate exit.
 
@@ -137,10 +125,6 @@ def main() -> None:
 @click.option("--decode", type=click.Choice(["auto", "cpu"]), default="auto", show_default=True,
               help="JPEG decoding: auto decodes plain JPEGs on the GPU (nvJPEG) when running there; cpu always "
                    "uses Pillow in the workers.")
-@click.option("--cpu-decode-share", callback=_share, default="auto", show_default=True, metavar="auto|0..1",
-              help="On a GPU, the share of plain JPEGs decoded by Pillow in the workers instead of nvJPEG: auto adapts "
-                   "it as the run goes (0 to 0.5, by whether the model waits for the GPU decoder or the workers); "
-                   "a number fixes it (0: nvJPEG takes every plain JPEG).")
 @click.option("--topk", type=click.IntRange(min=1), default=5, show_default=True,
               help="How many best classes go in topk_labels and topk_probs.")
 @click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=0, show_default=True,

@@ -53,10 +53,6 @@ class Config:
     #   'fp32', 'fp16', 'bf16'
     decode: str = _option("auto", identity=True)  # JPEG decoding: 'auto' (nvJPEG on a GPU, Pillow otherwise) or
     #   'cpu' (always Pillow)
-    cpu_decode_share: float | None = _option(None, identity=False)  # on the GPU path, the share of plain JPEGs that
-    #   Pillow decodes in the workers instead of nvJPEG; None ('auto'): adapted to the waits as the run goes
-    #   (pipeline/share.py), 0: none. Not in the identity, as --device: rows of the two decoders agree within the GPU
-    #   path's published figures (docs/gpu.md), and which decoder made a row is not recorded
     topk: int = _option(5, identity=True)  # how many (label, probability) pairs go in the topk columns
     seed: int = _option(0, identity=True)  # seed of --weights random (part of the weights' fingerprint)
     progress: str = _option("auto", identity=False)  # 'auto' (bar at a terminal, log lines otherwise), 'bar', 'log'

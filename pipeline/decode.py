@@ -22,7 +22,6 @@ from pipeline.config import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
 from pipeline.parquet import DELETED
 from pipeline.plan import Plan
 from pipeline.read import failure, open_file, open_image, pixel_limit
-from pipeline.share import DecoderShare
 
 _logger = logging.getLogger(__name__)
 
@@ -194,14 +193,13 @@ class ImageFiles(Dataset):
     """The items of a plan, by position in `indices`; each becomes one Sample."""
 
     def __init__(self, source, plan: Plan, indices: list[int], preprocess: Preprocess,
-                 gpu_jpeg: bool = False, share: DecoderShare | None = None, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                 gpu_jpeg: bool = False, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
                  max_bytes: int = DEFAULT_MAX_FILE_BYTES, draft: bool = False, batch_size: int = 1):
         self.source = source  # lists and opens the items (pipeline.source, pipeline.remote)
         self.paths = plan.paths  # Arrow: shared by forked workers without copy-on-write growth
         self.indices = indices
         self.preprocess = preprocess
         self.gpu_jpeg = gpu_jpeg  # hand plain JPEGs over undecoded, for the GPU
-        self.share = share  # which of those Pillow decodes here after all (None: none of them)
         self.max_pixels = max_pixels
         self.max_bytes = max_bytes  # larger files are refused before a byte is read
         self.draft = draft  # Pillow's reduced-scale JPEG decoding (--jpeg-draft)
@@ -232,7 +230,7 @@ class ImageFiles(Dataset):
                 data = file.read(self.max_bytes + 1)  # a file that grew since it was opened is read no further
             if len(data) > self.max_bytes:
                 raise Unusable(causes.TOO_LARGE, f"it grew past the limit {self.max_bytes} while read")
-            shape = None if self.share is not None and self.share.to_pillow(index) else self._for_the_gpu(data)
+            shape = self._for_the_gpu(data)
             if shape is not None:
                 return Sample(index, encoded=data, encoded_shape=shape)
             return Sample(index, image=decode_bytes(data, self.preprocess, self.max_pixels, self.draft))

@@ -49,7 +49,6 @@ class GpuDecoder:
         self.batch_size = batch_size
         self.dtype = dtype if dtype in (torch.float16, torch.float32) else torch.float32  # bf16 rounds 0..255
         self._per_thread = threading.local()  # each decode thread's stream for nvJPEG's images (_nvjpeg)
-        self.waited = 0.0  # seconds the model's loop waited for decode_ahead's threads (pipeline/share.py adapts to it)
 
     def warm_up(self) -> None:
         """Start nvJPEG (its handle, the hardware decoder's state) on a tiny JPEG, before real batches need it."""
@@ -276,22 +275,15 @@ def decode_ahead(batches: Iterable[Batch], decoder: GpuDecoder, threads: int | N
             done.record(streams.stream)
         return batch, rows, count, done
 
-    def oldest() -> tuple[Batch, torch.Tensor, int, torch.cuda.Event]:
-        started = time.monotonic()
-        try:
-            return pending.popleft().result()
-        finally:
-            decoder.waited += time.monotonic() - started
-
     pending: deque[Future] = deque()
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gpu-decode") as pool:
         try:
             for batch in batches:
                 pending.append(pool.submit(decode, batch))
                 if len(pending) > depth:
-                    yield _on_current_stream(decoder.device, *oldest())
+                    yield _on_current_stream(decoder.device, *pending.popleft().result())
             while pending:
-                yield _on_current_stream(decoder.device, *oldest())
+                yield _on_current_stream(decoder.device, *pending.popleft().result())
         finally:
             for future in pending:
                 future.cancel()

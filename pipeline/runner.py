@@ -41,18 +41,14 @@ class Summary:
     unlisted_folders: dict[str, int] = field(default_factory=dict)  # folders below INPUT not listed, by cause
     unlisted_folder_paths: list[dict] = field(default_factory=list)  # the first few: path and error
     deleted: int = 0  # `deleted` rows: files gone since the night an incremental night compared with
-    cpu_decode_share: tuple[float, float] | None = None  # on the GPU path: the share of plain JPEGs Pillow decoded
-    #   in the workers (pipeline/share.py), at the end and on average
 
     def line(self) -> str:
         rate = self.images_this_run / max(self.seconds, 1e-9)
         steady = self.images_this_run / max(self.steady_seconds, 1e-9)
-        share = "" if self.cpu_decode_share is None else (f"cpu_decode_share={self.cpu_decode_share[0]:.3f} "
-                                                          f"cpu_decode_share_mean={self.cpu_decode_share[1]:.3f} ")
         return (f"images={self.images} ok={self.ok} errors={self.errors} deleted={self.deleted} "
                 f"unlisted_folders={sum(self.unlisted_folders.values())} seconds={self.seconds:.1f} "
                 f"img/s={rate:.1f} steady_img/s={steady:.1f} gpu_peak_gib={self.gpu_peak_gib:.2f} "
-                f"{share}(this run: {self.images_this_run} images)")
+                f"(this run: {self.images_this_run} images)")
 
     @property
     def too_many_errors(self) -> bool:
@@ -198,7 +194,6 @@ def _run(config: Config, source, folder: RunFolder, rank: ranks.Rank, prepared, 
     from pipeline import decode, guard, infer, testhooks
     from pipeline.gpu_decode import GpuDecoder
     from pipeline.progress import Progress, Waiting
-    from pipeline.share import DecoderShare
     from pipeline.writer import ShardWriter
 
     the_plan = _open_plan(config, source, folder, prepared.identity)
@@ -220,9 +215,8 @@ def _run(config: Config, source, folder: RunFolder, rank: ranks.Rank, prepared, 
     classifier = infer.Classifier(prepared.model.net, device, transforms.mean, transforms.std, config.topk,
                                   prepared.dtype, decoder, classes=prepared.model.classes)
     indices = [index for shard in pending for index in the_plan.shard_range(shard)]
-    share = DecoderShare(config.cpu_decode_share) if prepared.gpu_jpeg else None  # the plain JPEGs Pillow takes
     dataset = testhooks.crashing(decode.ImageFiles(source, the_plan, indices, preprocess, gpu_jpeg=prepared.gpu_jpeg,
-                                                   share=share, batch_size=config.batch_size,
+                                                   batch_size=config.batch_size,
                                                    max_pixels=config.max_image_pixels,
                                                    max_bytes=config.max_file_bytes, draft=config.jpeg_draft))
     batches = stopping.batches(guard.batches(dataset, config.batch_size, config.workers, pin_memory=gpu,
@@ -243,8 +237,6 @@ def _run(config: Config, source, folder: RunFolder, rank: ranks.Rank, prepared, 
         for scored in classifier.score(reading.wrap(batches)):
             writer.add(scored)
             progress.update(len(scored.batch.errors), sum(e not in (None, DELETED) for e in scored.batch.errors))
-            if share is not None:
-                share.after_batch(reading.seconds, decoder.waited)
     except torch.cuda.OutOfMemoryError as error:
         raise Refused(f"out of GPU memory with {config.model} at --batch-size {config.batch_size}: run the same "
                       f"command with --batch-size {max(1, config.batch_size // 2)} (the committed shards are kept; "
@@ -259,9 +251,6 @@ def _run(config: Config, source, folder: RunFolder, rank: ranks.Rank, prepared, 
     summary.steady_seconds = time.monotonic() - (classifier.first_launch or started)
     _logger.info("waited %.1f s of %.1f s for decoded batches from the workers", reading.seconds,
                  summary.steady_seconds)
-    if share is not None:
-        summary.cpu_decode_share = (share.value, share.mean)
-        _logger.info("%s", share.describe())
     if gpu:
         summary.gpu_peak_gib = torch.cuda.max_memory_reserved(device) / 2**30
     return summary

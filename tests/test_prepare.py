@@ -70,7 +70,6 @@ RESUMABLE_CHANGES = {
     "log_every_s": {"log_every_s": 1.0}, "partition": {"partition": (("run_date", "2024-05-01"),)},
     "max_error_rate": {"max_error_rate": 0.5}, "rank": {"rank": 1}, "world_size": {"world_size": 2},
     "fetch_threads": {"fetch_threads": 4}, "incremental": {"incremental": True},
-    "cpu_decode_share": {"cpu_decode_share": 0.0},
 }
 
 
