@@ -203,6 +203,8 @@ def test_a_file_whose_error_may_pass_is_classified_again_the_next_night(tmp_path
     crash = {"PIPELINE_TEST_CRASH_ON": "img0001.png"}  # its worker dies: 'decoder crashed', which may pass
     night(tmp_path / "in", tmp_path / "out", "d1", "--max-error-rate", "1", env=crash)
     assert rows(tmp_path / "out", "d1")["d1/sub1/img0001.png"]["error"].startswith("decoder crashed")
+    listed = run_pipeline("errors", str(tmp_path / "out" / "run_date=d1")).stdout.splitlines()
+    assert [line.split("\t")[0] for line in listed] == ["broken.png", "d1/sub1/img0001.png"]
 
     night(tmp_path / "in", tmp_path / "out", "d2")
 
