@@ -84,21 +84,25 @@ def run(config: Config) -> Summary:
     folder = RunFolder(config.run_dir)
     ranks.refuse_if_busy(folder, rank)  # a second run on a busy OUTPUT is refused here, in well under a second
 
-    importing = time.monotonic()
-    from pipeline import prepare, stop  # imports torch
+    from pipeline import stop  # signals only, no torch
 
-    imported = time.monotonic()
-    prepared = prepare.prepare(config, source)  # the model and every option checked: still nothing written
-    _logger.debug("torch and torchvision imported in %.2f s, the model built and the options checked in %.2f s",
-                  imported - importing, time.monotonic() - imported)
-    if not folder.has_plan():  # refused before any write here; checked again where the night is planned, locked
-        layout.check_no_unfinished_twin(config.output_dir, config.partition, prepared.identity)
-    try:
-        config.run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise WriteError(config.run_dir, error) from error
-    with ranks.hold(folder, rank), stop.on_signals() as stopping:
-        return _run(config, source, folder, rank, prepared, stopping, started)
+    with stop.on_signals():  # a stop signal from here on (Slurm's USR1 while torch imports, say) ends the process
+        #   with exit 75 (nothing is written yet), not with the signal's default death, which a requeue would miss
+        importing = time.monotonic()
+        from pipeline import prepare  # imports torch
+
+        imported = time.monotonic()
+        prepared = prepare.prepare(config, source)  # the model and every option checked: still nothing written
+        _logger.debug("torch and torchvision imported in %.2f s, the model built and the options checked in %.2f s",
+                      imported - importing, time.monotonic() - imported)
+        if not folder.has_plan():  # refused before any write here; checked again where the night is planned
+            layout.check_no_unfinished_twin(config.output_dir, config.partition, prepared.identity)
+        try:
+            config.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise WriteError(config.run_dir, error) from error
+        with ranks.hold(folder, rank), stop.on_signals() as stopping:
+            return _run(config, source, folder, rank, prepared, stopping, started)
 
 
 def plan_run(config: Config, source, folder: RunFolder, identity: dict) -> Plan:

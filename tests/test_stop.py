@@ -180,6 +180,29 @@ def test_sigint_and_sigusr1_stop_the_run_too(tmp_path, number, moment):
         assert not (out / "_plan.arrow").exists() and seconds < 5, "the 20 s pause was cut short"
 
 
+def _loading_torch(pid: int) -> bool:
+    """Whether the process has begun loading torch's shared library (its import then runs for seconds)."""
+    try:
+        return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+def test_sigusr1_while_torch_imports_exits_75_and_writes_nothing(tmp_path):
+    """Slurm's USR1 can reach a task that has just started (a requeued one, say) while it still imports torch: it
+    must exit 75, which the sbatch scripts requeue on, not die of the signal (a srun step failed so, once)."""
+    make_corpus(tmp_path / "in", 2, size=(40, 32))
+    out, log = tmp_path / "out", tmp_path / "run.log"
+    process = start(tmp_path / "in", out, log)
+    wait_for(lambda: _loading_torch(process.pid), process, "torch was imported")
+
+    signal_group_and_time_exit(process, signal.SIGUSR1)
+
+    assert process.returncode == 75, log.read_text()
+    assert "interrupted by SIGUSR1 before classification began" in log.read_text()
+    assert not out.exists(), "nothing is written before the checks and the model are done"
+
+
 @pytest.mark.slow
 def test_sigterm_while_the_workers_decode_slow_files_ends_the_run_within_seconds(tmp_path):
     """Both workers deep in files that take a minute each: the wait for their batches ends at the signal, the
