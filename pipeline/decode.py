@@ -89,13 +89,9 @@ def decode_file(path: Path, preprocess: Preprocess, max_pixels: int = DEFAULT_MA
 
 
 def gpu_jpeg_shape(data: bytes) -> tuple[int, int] | None:
-    """The (height, width) of a baseline-or-progressive JPEG nvJPEG can take as is: RGB or grey, upright,
-    complete, not huge, not a pile of scans; None for anything else.
-
-    Everything else (other formats, CMYK, EXIF-rotated, truncated, over GPU_MAX_PIXELS or GPU_MAX_SCANS) is decoded
-    by Pillow in the worker, so every path meets the same checks and gives the same errors. The shape, read here
-    from the header anyway, lets the GPU decoder bound its memory before it decodes a pixel.
-    """
+    """The (height, width) of a JPEG nvJPEG can take as is (RGB or grey, upright, complete, not huge, not a pile of
+    scans), which lets the GPU decoder bound its memory; None for anything else (other formats, CMYK, EXIF-rotated,
+    truncated, over GPU_MAX_PIXELS or GPU_MAX_SCANS), decoded by Pillow in the worker with the same checks."""
     if not (data[:3] == b"\xff\xd8\xff" and data[-2:] == b"\xff\xd9") or data.count(b"\xff\xda") > GPU_MAX_SCANS:
         return None  # 0xFFDA starts a scan: entropy-coded data never holds it (an 0xFF there is followed by 0x00)
     with Image.open(io.BytesIO(data), formats=["JPEG"]) as image:
