@@ -115,35 +115,43 @@ def _state_dict(path: Path) -> dict[str, torch.Tensor]:
     return loaded
 
 
-def _head_classes(architecture: str, state: dict[str, torch.Tensor], path: Path | None = None) -> int:
-    """The class count of a state_dict: the first dimension of the architecture's classifier layer, found as the
-    parameters whose first dimension follows num_classes (a model built on the meta device, which costs nothing)."""
-    with torch.device("meta"):
-        probe = get_model(architecture, weights=None, num_classes=7).state_dict()
-    heads = [key for key, value in probe.items() if value.dim() and value.shape[0] == 7]
-    if not heads or any(key not in state for key in heads):
-        raise WeightsError(f"--weights {path or 'random'} does not hold {architecture}'s classifier layer "
-                           f"({', '.join(heads)}): "
-                           f"pass {architecture} weights, or the --model they were trained as")
-    return int(state[heads[0]].shape[0])
-
-
-def _build(source: WeightsSource) -> torch.nn.Module:
-    """The network in eval mode on the CPU, with the class count of its weights."""
+def _build(source: WeightsSource) -> tuple[torch.nn.Module, int]:
+    """The network in eval mode on the CPU, and its class count. A file's count is the first dimension of the
+    parameters in which it differs from the network built with the default count (its classifier layer)."""
+    if source.enum is not None:
+        return get_model(source.architecture, weights=source.enum).eval(), len(source.enum.meta["categories"])
+    classes = len(source.default.meta["categories"])
     if source.kind == "random":
         torch.manual_seed(source.seed)
-        return get_model(source.architecture, weights=None).eval()
-    if source.enum is not None:
-        return get_model(source.architecture, weights=source.enum).eval()  # from the cache _fetch checked
+        return get_model(source.architecture, weights=None, num_classes=classes).eval(), classes
     state = _state_dict(source.path)
-    net = get_model(source.architecture, weights=None, num_classes=_head_classes(source.architecture, state,
-                                                                                  source.path))
+    net = get_model(source.architecture, weights=None, num_classes=classes)
+    built = net.state_dict()
+    heads = {state[key].shape[0] for key, value in built.items()
+             if key in state and value.dim() and state[key].dim() == value.dim()
+             and state[key].shape[1:] == value.shape[1:] and state[key].shape[0] != value.shape[0]}
+    if len(heads) == 1:  # a fine-tuned head: another class count
+        classes = heads.pop()
+        net = get_model(source.architecture, weights=None, num_classes=classes)
+    _load_state(net, state, source)
+    return net.eval(), classes
+
+
+def _load_state(net: torch.nn.Module, state: dict[str, torch.Tensor], source: WeightsSource) -> None:
+    fix = f"Pass the --model the weights were trained as, or {source.architecture} weights"
     try:
-        net.load_state_dict(state)
-    except RuntimeError as error:
-        raise WeightsError(f"--weights {source.path} does not fit {source.architecture}: {error}. Pass the --model "
-                           "the weights were trained as") from error
-    return net.eval()
+        loaded = net.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # parameters of other shapes
+        raise WeightsError(f"--weights {source.path} does not fit {source.architecture}: {error}. {fix}") from error
+    if loaded.missing_keys or loaded.unexpected_keys:
+        raise WeightsError(f"--weights {source.path} does not fit {source.architecture}: "
+                           f"{_some(loaded.missing_keys)} of its parameters missing, "
+                           f"{_some(loaded.unexpected_keys)} unexpected. {fix}")
+
+
+def _some(keys: list[str]) -> str:
+    """'3 (a, b, c)', or '62 (a, b, c, ...)'."""
+    return f"{len(keys)} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})" if keys else "none"
 
 
 def _class_names(num_classes: int, labels: Path | None, weights) -> list[str]:
@@ -197,7 +205,6 @@ class Model:
 def load(architecture: str, weights: str, seed: int, labels: Path | None) -> Model:
     """The model the options name, built and checked (raises WeightsError naming the fix)."""
     source = resolve_weights(architecture, weights, seed)
-    net = _build(source)
+    net, classes = _build(source)
     described = source.enum or source.default  # files and random weights: the architecture's default recipe
-    classes = _head_classes(architecture, net.state_dict(), source.path)
     return Model(source, net, _class_names(classes, labels, described), described.transforms())
