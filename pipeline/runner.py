@@ -89,7 +89,10 @@ def run(config: Config) -> Summary:
     with stop.on_signals():  # a stop signal from here on (Slurm's USR1 while torch imports, say) ends the process
         #   with exit 75 (nothing is written yet), not with the signal's default death, which a requeue would miss
         importing = time.monotonic()
-        from pipeline import prepare  # imports torch
+        from pipeline.imports import import_torch
+
+        import_torch()  # torchvision without torch._dynamo: seconds off every start
+        from pipeline import prepare
 
         imported = time.monotonic()
         prepared = prepare.prepare(config, source)  # the model and every option checked: still nothing written
