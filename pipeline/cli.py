@@ -173,6 +173,9 @@ def classify(input_dir: str, output_dir: str | None, verbose: bool, **options) -
     changes nothing and exits 0.
     """
     _setup_logging(verbose)
+    from pipeline.imports import keep_pandas_out
+
+    keep_pandas_out()  # pyarrow would import it (seconds) on its first array; nothing here needs it
     from pipeline import runner  # imports pyarrow, not torch: a busy OUTPUT is refused before torch is imported
     from pipeline.durable import WriteError
     from pipeline.lock import Locked

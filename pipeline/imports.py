@@ -1,4 +1,4 @@
-"""Import torch and torchvision for a run: torchvision without torch._dynamo, which running a model does not need.
+"""Imports for a run: torchvision without torch._dynamo, and no pandas, neither of which a run needs.
 
 torchvision's `ops/roi_align.py` (0.26 to 0.29 at least) runs `from torch._dynamo.utils import is_compile_supported`
 as torchvision is imported, and that line imports all of torch._dynamo and sympy: 2.5 s of every start on the CPU
@@ -7,6 +7,9 @@ compiled kernel or deterministic algorithms are on. While torchvision imports, a
 with a function that imports the real helper when it is called; any other use of the stand-in replaces it with the
 real module there and then. The stand-in is gone once torchvision is imported, so `torch._dynamo` (torch.compile,
 say) imports as usual later.
+
+pyarrow imports pandas, when it is installed, on the first array it builds (1.3-1.7 s on the H200 machine); the
+command line's process blocks it.
 """
 
 from __future__ import annotations
@@ -27,6 +30,22 @@ def import_torch() -> None:
         return
     with dynamo_deferred():
         import torchvision  # noqa: F401
+
+
+def keep_pandas_out() -> None:
+    """`import pandas` fails in this process from now on (unless pandas is imported already), so pyarrow goes on
+    without it. For the command line's own process: a program that calls the runner keeps its pandas."""
+    if "pandas" not in sys.modules and not any(isinstance(finder, _NoPandas) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _NoPandas())  # not None in sys.modules: pyarrow's Cython import takes None as pandas
+
+
+class _NoPandas:
+    """A finder that refuses pandas, as if it were not installed."""
+
+    def find_spec(self, name: str, path=None, target=None):
+        if name == "pandas":
+            raise ModuleNotFoundError("pandas is kept out of this process (pipeline.imports)", name=name)
+        return None
 
 
 @contextmanager

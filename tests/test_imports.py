@@ -1,5 +1,6 @@
 """torchvision imported without torch._dynamo (seconds off every start), and torch._dynamo whole when used."""
 
+import os
 import subprocess
 import sys
 
@@ -64,3 +65,23 @@ with dynamo_deferred():
 print(sys.modules[DYNAMO_UTILS].__file__.endswith("utils.py"))
 """)
     assert out.split() == ["True", "defaultdict", "False", "True"]
+
+
+def test_the_command_never_imports_pandas_which_pyarrow_would(tmp_path):
+    """A stand-in pandas that notes its import: pyarrow imports it on its first array; `pipeline classify` does not."""
+    (tmp_path / "site" / "pandas").mkdir(parents=True)
+    marker = tmp_path / "pandas-imported"
+    (tmp_path / "site" / "pandas" / "__init__.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\nraise ImportError('the test stand-in of pandas')\n")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path / 'site'}{os.pathsep}{ROOT}"}
+    subprocess.run([sys.executable, "-c", "import pyarrow; pyarrow.array([1])"], env=env, check=True, timeout=120)
+    assert marker.exists()  # the stand-in works: pyarrow imports pandas when it can
+    marker.unlink()
+    write_image(tmp_path / "in" / "a.jpg", seed=1)
+
+    done = subprocess.run([sys.executable, "-m", "pipeline", "classify", str(tmp_path / "in"), str(tmp_path / "out"),
+                           "--weights", "random", "--device", "cpu", "--workers", "1"],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+    assert done.returncode == 0, done.stderr
+    assert "images=1 ok=1" in done.stderr and not marker.exists()
