@@ -42,7 +42,8 @@ FIGURES = {  # durations the job itself logs under -v, in seconds
     "nvjpeg_start_s": r"nvJPEG started in ([\d.]+) s",
     "first_forward_s": r"the model's first forward took ([\d.]+) s",
 }
-BARE = {"python": "pass", "import torch": "import torch", "import torch, torchvision": "import torch, torchvision"}
+BARE = {"python": "pass", "import torch": "import torch", "import torch, torchvision": "import torch, torchvision",
+        "as the job imports them": "from pipeline.imports import import_torch; import_torch()"}
 JOB_MODULES = ("pipeline.cli, pipeline.runner, pipeline.prepare, pipeline.decode, pipeline.guard, pipeline.infer, "
                "pipeline.gpu_decode, pipeline.writer, pipeline.progress")  # what a job imports before its first batch
 CUDA_START = """
@@ -132,9 +133,12 @@ def startup(photos: Path, work: Path, logs: Path, job, runs: int, workers: list[
     result["phases"] = {name: {key: _spread(values) for key in [*PHASES, *FIGURES]
                                if (values := [one_run[key] for one_run in its_runs if one_run.get(key) is not None])}
                         for name, its_runs in jobs.items()}
-    result["job_largest_imports"] = largest_imports(Path(jobs["importtime"][-1]["log"]).read_text(errors="replace"))
+    job_imports = Path(jobs["importtime"][-1]["log"]).read_text(errors="replace")
+    result["job_largest_imports"] = largest_imports(job_imports)
+    result["job_imports_torch_dynamo"] = re.search(r"\|\s*torch\._dynamo$", job_imports, re.M) is not None
     result["bare_s"] = bare(runs)
-    result["largest_imports"] = largest_imports(_python("-X", "importtime", "-c", f"import {JOB_MODULES}").stderr)
+    as_the_job = f"{BARE['as the job imports them']}; import {JOB_MODULES}"
+    result["largest_imports"] = largest_imports(_python("-X", "importtime", "-c", as_the_job).stderr)
     result["cuda_start"] = cuda_start(runs)
     return result
 
@@ -152,6 +156,7 @@ def print_startup(result: dict) -> None:
     cuda = result["cuda_start"]
     for key in cuda[0] if cuda else []:
         print(f"CUDA start, {key}: {_cell(_spread([run[key] for run in cuda]))} s")
+    print(f"the job imported torch._dynamo: {result['job_imports_torch_dynamo']}")
     print("largest imports of the job's modules (python -X importtime -c 'import ...'):")
     for row in result["largest_imports"]:
         print(f"  {row['cumulative_s']:6.2f} s  {'  ' * row['depth']}{row['module']}")
