@@ -28,6 +28,7 @@ import pyarrow.ipc
 
 from pipeline import causes, layout
 from pipeline.fingerprint import CONTENT
+from pipeline.plan import differing_keys
 from pipeline.runfolder import RunFolder
 from pipeline.source import Listing
 
@@ -105,7 +106,7 @@ def _why_full(base: RunFolder | None, identity: dict) -> str | None:
     if base is None:
         return "no earlier finished night in this OUTPUT"
     facts = base.load_facts()
-    changed = [key for key, value in identity.items() if facts.get(key) != value]
+    changed = differing_keys(facts, identity)
     if changed:
         return (f"the newest finished night ({base.path.name}) was made with another {', '.join(changed)}, so its "
                 "rows are not tonight's")
