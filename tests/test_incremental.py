@@ -213,9 +213,10 @@ def test_a_file_whose_error_may_pass_is_classified_again_the_next_night(tmp_path
 
 
 def test_the_files_of_a_folder_not_listed_tonight_are_neither_deleted_nor_classified(tmp_path):
-    before = nights.listing_table(Listing.of([("a/1.jpg", 1, 1), ("b/2.jpg", 2, 2), ("b/3.jpg", 3, 3),
-                                              ("c.jpg", 4, 4)], 0))
-    tonight = Listing.of([("a/1.jpg", 1, 1), ("d.jpg", 5, 5)], 0, skipped=["b"])  # b unreadable, c.jpg deleted
+    before = nights.listing_table(Listing.of([("a/1.jpg", 1, 1, None), ("b/2.jpg", 2, 2, None),
+                                              ("b/3.jpg", 3, 3, None), ("c.jpg", 4, 4, None)], 0))
+    tonight = Listing.of([("a/1.jpg", 1, 1, None), ("d.jpg", 5, 5, None)], 0,
+                         skipped=["b"])  # b unreadable, c.jpg deleted
 
     result = nights._compare(tonight, nights.listing_table(tonight), before, pa.array(["b/3.jpg"]), "stat")
 
