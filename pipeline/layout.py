@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pipeline.config import Refused
 from pipeline.parquet import SCHEMA
+from pipeline.plan import differing_keys
 from pipeline.runfolder import RunFolder
 
 # Lower case because Athena, Hive and BigQuery fold column names; a leading letter because a leading
@@ -107,7 +108,7 @@ def check_no_unfinished_twin(output_dir: Path, partition: tuple[tuple[str, str],
         if folder.is_finished():
             continue
         facts = folder.load_facts() or {}
-        if all(facts.get(key) == value for key, value in identity.items()):
+        if not differing_keys(facts, identity):
             resume = " ".join(f"--partition {part}" for part in path.relative_to(output_dir).parts)
             raise LayoutError(
                 f"{path} holds an unfinished run of the same input and model (run id {facts.get('run_id')}): "

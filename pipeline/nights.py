@@ -28,6 +28,7 @@ import pyarrow.ipc
 
 from pipeline import causes, layout
 from pipeline.fingerprint import CONTENT
+from pipeline.plan import differing_keys
 from pipeline.runfolder import RunFolder
 from pipeline.source import Listing
 
@@ -72,11 +73,13 @@ def read_listing(path: Path) -> pa.Table:
         return pa.ipc.open_file(source).read_all().combine_chunks()
 
 
-def previous_night(output_dir: Path, partition: tuple[tuple[str, str], ...]) -> RunFolder | None:
-    """The finished night with the newest plan among the other partitions of OUTPUT that hold a listing."""
-    finished = [RunFolder(path) for path in layout.sibling_runs(output_dir, partition)]
-    finished = [folder for folder in finished if folder.is_finished() and folder.listing_file() is not None]
-    return max(finished, key=lambda folder: (folder.load_facts()["created_at"], folder.path.name), default=None)
+def previous_night(output_dir: Path, partition: tuple[tuple[str, str], ...]) -> tuple[RunFolder, dict] | None:
+    """The finished night with the newest plan among the other partitions of OUTPUT that hold a listing, and its
+    plan's facts (read once: they order the nights, and say what the night was made with)."""
+    folders = [RunFolder(path) for path in layout.sibling_runs(output_dir, partition)]
+    finished = [(folder, folder.load_facts()) for folder in folders
+                if folder.is_finished() and folder.listing_file() is not None]
+    return max(finished, key=lambda night: (night[1]["created_at"], night[0].path.name), default=None)
 
 
 def plan_night(listing: Listing, output_dir: Path, partition: tuple[tuple[str, str], ...], identity: dict,
@@ -85,12 +88,12 @@ def plan_night(listing: Listing, output_dir: Path, partition: tuple[tuple[str, s
     tonight = listing_table(listing)
     if not incremental:
         return Night(listing, state=tonight, facts={"incremental": False})
-    base = previous_night(output_dir, partition)
-    reason = _why_full(base, identity)
+    previous = previous_night(output_dir, partition)
+    reason = _why_full(previous, identity)
     if reason is not None:
         _logger.info("incremental night: %s: classifying every file (%d)", reason, len(listing.paths))
         return Night(listing, state=tonight, facts={"incremental": True, "compared_with": None})
-    base_facts = base.load_facts()
+    base, base_facts = previous
     night = _compare(listing, tonight, read_listing(base.listing_file()), _retried(base), fingerprint)
     night.facts = {"incremental": True, "compared_with": {"partition": base.path.name, "run_id": base_facts["run_id"]},
                    "unchanged": len(tonight) - len(night.work.paths)}
@@ -100,12 +103,13 @@ def plan_night(listing: Listing, output_dir: Path, partition: tuple[tuple[str, s
     return night
 
 
-def _why_full(base: RunFolder | None, identity: dict) -> str | None:
-    """Why tonight cannot be compared with base (and classifies everything), or None when it can."""
-    if base is None:
+def _why_full(previous: tuple[RunFolder, dict] | None, identity: dict) -> str | None:
+    """Why tonight cannot be compared with the previous night (previous_night: its folder and plan's facts) and
+    classifies everything, or None when it can."""
+    if previous is None:
         return "no earlier finished night in this OUTPUT"
-    facts = base.load_facts()
-    changed = [key for key, value in identity.items() if facts.get(key) != value]
+    base, facts = previous
+    changed = differing_keys(facts, identity)
     if changed:
         return (f"the newest finished night ({base.path.name}) was made with another {', '.join(changed)}, so its "
                 "rows are not tonight's")

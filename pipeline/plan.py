@@ -99,6 +99,12 @@ def new_plan(listing: Listing, shard_size: int, identity: dict, deleted: list[st
                 files=fingerprints(listing, len(deleted)))
 
 
+def differing_keys(saved: dict, identity: dict) -> list[str]:
+    """The keys of identity, in its order, whose value saved facts do not hold: a different value, or none recorded
+    (a plan made by an older version)."""
+    return [key for key, value in identity.items() if key not in saved or saved[key] != value]
+
+
 def read_facts(path: Path) -> dict:
     """A saved plan's facts without reading its paths."""
     with pa.memory_map(str(path)) as source:

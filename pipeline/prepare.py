@@ -13,6 +13,7 @@ from torchvision.transforms import InterpolationMode
 from pipeline import model
 from pipeline.config import Config, Refused
 from pipeline.parquet import SCHEMA_VERSION
+from pipeline.plan import differing_keys
 from pipeline.source import PATH_ENCODING
 
 _logger = logging.getLogger(__name__)
@@ -152,11 +153,13 @@ def _cgroup_files() -> list[tuple[Path, Path, Path]]:
 
 def check_resume(saved: dict, identity: dict, where: str) -> None:
     """Refuse to resume a run folder whose plan was made with another identity: its rows would mix two contents."""
-    for key, value in identity.items():
-        if key not in saved:
-            raise PlanMismatch(f"{where} was started by an older version of this job (its plan does not record "
-                               f"{key}): finish it with that version, or write to a new OUTPUT")
-        if saved[key] != value:
-            raise PlanMismatch(f"{where} was started with {key}={saved[key]!r}, not {value!r}: resume with the same "
-                               "input, model, weights, labels and options that change a row (docs/operations.md "
-                               "lists them), or write to a new OUTPUT")
+    changed = differing_keys(saved, identity)
+    if not changed:
+        return
+    key = changed[0]
+    if key not in saved:
+        raise PlanMismatch(f"{where} was started by an older version of this job (its plan does not record "
+                           f"{key}): finish it with that version, or write to a new OUTPUT")
+    raise PlanMismatch(f"{where} was started with {key}={saved[key]!r}, not {identity[key]!r}: resume with the same "
+                       "input, model, weights, labels and options that change a row (docs/operations.md lists them), "
+                       "or write to a new OUTPUT")

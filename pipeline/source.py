@@ -9,6 +9,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass, field
+from operator import itemgetter
 from pathlib import Path
 from typing import BinaryIO
 
@@ -40,17 +41,16 @@ class Listing:
     mtimes_ns: list[int | None] | None = None  # each path's modification time, ns since the epoch
     sha256: list[str | None] | None = None  # each path's content hash, with --fingerprint content
     etags: list[str | None] | None = None  # an object's ETag, beside its size and time (a store's times are
-    #   whole seconds: the ETag tells two writes of one second apart)
+    #   whole seconds: the ETag tells two writes of one second apart); None for a file that is not an object
     skipped: list[str] = field(default_factory=list)  # every folder below the input not listed (encoded): an
     #   incremental night keeps its files as they were (pipeline/nights.py)
 
     @classmethod
-    def of(cls, found: list[tuple], ignored: int, **more) -> Listing:
-        """A listing of (encoded path, size, mtime_ns) or (..., etag) found in any order: sorted by path."""
-        found.sort(key=lambda item: item[0])
-        columns = [list(column) for column in zip(*found, strict=True)] if found else [[], [], []]
-        return cls(columns[0], ignored, sizes=columns[1], mtimes_ns=columns[2],
-                   etags=columns[3] if len(columns) > 3 else None, **more)
+    def of(cls, found: list[tuple[str, int | None, int | None, str | None]], ignored: int, **more) -> Listing:
+        """A listing of (encoded path, size, mtime_ns, ETag or None) found in any order: sorted by path."""
+        found.sort(key=itemgetter(0))
+        return cls([item[0] for item in found], ignored, sizes=[item[1] for item in found],
+                   mtimes_ns=[item[2] for item in found], etags=[item[3] for item in found], **more)
 
 
 def open_source(config: Config):
@@ -120,8 +120,9 @@ class LocalFolder:
         self.check()
         walk = _Walk(self.root)
         walk.run()
-        listing = Listing.of([(encode_path(path), size, mtime) for path, size, mtime in walk.items], walk.ignored,
-                             unlisted=dict(sorted(walk.unlisted.items())), unlisted_paths=walk.unlisted_paths,
+        listing = Listing.of([(encode_path(path), size, mtime, None) for path, size, mtime in walk.items],
+                             walk.ignored, unlisted=dict(sorted(walk.unlisted.items())),
+                             unlisted_paths=walk.unlisted_paths,
                              skipped=sorted(encode_path(path) for path in walk.skipped))
         if not listing.paths:
             extensions = " ".join(sorted(IMAGE_EXTENSIONS))

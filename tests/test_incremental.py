@@ -33,6 +33,12 @@ def night(input_dir: Path, out: Path, date: str, *more: str, check: bool = True,
                         check=check, env=env)
 
 
+def start_night(input_dir: Path, out: Path, date: str, *more: str, **popen) -> subprocess.Popen:
+    """The command night() runs, in a process started and not waited for; popen: Popen's keywords (stderr, ...)."""
+    return subprocess.Popen([sys.executable, "-m", "pipeline", "classify", str(input_dir), str(out), "--partition",
+                             f"run_date={date}", *OPTIONS, *more], env={**os.environ, "PYTHONPATH": str(REPO)}, **popen)
+
+
 def rows(out: Path, date: str) -> dict[str, dict]:
     """A night's rows by path (each path once: asserted)."""
     table = pq.read_table(sorted((out / f"run_date={date}").glob("part-*.parquet")))
@@ -153,10 +159,7 @@ def test_a_night_killed_with_sigkill_and_resumed_classifies_each_file_once(tmp_p
         write_image(tmp_path / "in" / "new" / f"n{i:02d}.jpg", seed=100 + i, size=(48, 40))
     (tmp_path / "in" / "d0" / "sub0" / "img0000.jpg").unlink()
     out = tmp_path / "out" / "run_date=d2"
-    args = [sys.executable, "-m", "pipeline", "classify", str(tmp_path / "in"), str(tmp_path / "out"),
-            "--partition", "run_date=d2", *OPTIONS]
-    process = subprocess.Popen(args, env={**os.environ, "PYTHONPATH": str(REPO)}, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
+    process = start_night(tmp_path / "in", tmp_path / "out", "d2", stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 120
     while len(list(out.glob("part-*.parquet"))) < 2 and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -182,10 +185,8 @@ def test_two_ranks_share_one_incremental_night(tmp_path):
     night(tmp_path / "in", tmp_path / "out", "d1")
     for i in range(20):
         write_image(tmp_path / "in" / "new" / f"n{i:02d}.png", seed=200 + i, size=(40, 40))
-    args = [sys.executable, "-m", "pipeline", "classify", str(tmp_path / "in"), str(tmp_path / "out"),
-            "--partition", "run_date=d2", *OPTIONS, "--world-size", "2", "--rank"]
-    ranks = [subprocess.Popen([*args, str(rank)], env={**os.environ, "PYTHONPATH": str(REPO)},
-                              stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    ranks = [start_night(tmp_path / "in", tmp_path / "out", "d2", "--world-size", "2", "--rank", str(rank),
+                         stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
     logs = [rank.communicate(timeout=300)[1] for rank in ranks]
 
     assert [rank.returncode for rank in ranks] == [0, 0], logs
@@ -213,9 +214,10 @@ def test_a_file_whose_error_may_pass_is_classified_again_the_next_night(tmp_path
 
 
 def test_the_files_of_a_folder_not_listed_tonight_are_neither_deleted_nor_classified(tmp_path):
-    before = nights.listing_table(Listing.of([("a/1.jpg", 1, 1), ("b/2.jpg", 2, 2), ("b/3.jpg", 3, 3),
-                                              ("c.jpg", 4, 4)], 0))
-    tonight = Listing.of([("a/1.jpg", 1, 1), ("d.jpg", 5, 5)], 0, skipped=["b"])  # b unreadable, c.jpg deleted
+    before = nights.listing_table(Listing.of([("a/1.jpg", 1, 1, None), ("b/2.jpg", 2, 2, None),
+                                              ("b/3.jpg", 3, 3, None), ("c.jpg", 4, 4, None)], 0))
+    tonight = Listing.of([("a/1.jpg", 1, 1, None), ("d.jpg", 5, 5, None)], 0,
+                         skipped=["b"])  # b unreadable, c.jpg deleted
 
     result = nights._compare(tonight, nights.listing_table(tonight), before, pa.array(["b/3.jpg"]), "stat")
 

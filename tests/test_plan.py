@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 from pipeline.durable import durable_publish
-from pipeline.plan import new_plan
+from pipeline.plan import differing_keys, new_plan
 from pipeline.runfolder import PLAN_NAME, RunFolder
 from pipeline.source import Listing, LocalFolder
 from tests.conftest import REPO, write_image
@@ -36,6 +36,13 @@ def test_plan_cuts_shards_and_round_trips_through_the_output_folder(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["_locks", PLAN_NAME], "no temporary file may be left behind"
 
 
+def test_the_keys_of_an_identity_that_saved_facts_do_not_hold_are_named_in_its_order():
+    identity = {"input_dir": "/in", "topk": 5, "labels_sha256": None}
+    assert differing_keys({**identity, "run_id": "r"}, identity) == [], "the facts' other keys do not count"
+    assert differing_keys({"input_dir": "/in", "topk": 3}, identity) == ["topk", "labels_sha256"], \
+        "a key not recorded differs, whatever the value"
+
+
 def test_plan_facts_carry_an_input_fingerprint_and_load_without_the_paths(tmp_path):
     listing = Listing(["a/1.png", "b.jpg"], 0)
     plan = new_plan(listing, shard_size=5, identity={"input_dir": "x"})
@@ -62,7 +69,7 @@ def test_folders_that_could_not_be_listed_are_in_the_plans_facts(tmp_path):
 PLAN_RACER = """
 import sys, time
 from pathlib import Path
-from pipeline.plan import new_plan
+from pipeline.plan import differing_keys, new_plan
 from pipeline.runfolder import RunFolder
 from pipeline.source import LocalFolder
 input_dir, output_dir, go = map(Path, sys.argv[1:])
