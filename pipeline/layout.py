@@ -7,6 +7,8 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+import pyarrow as pa
+
 from pipeline.config import Refused
 from pipeline.parquet import SCHEMA
 from pipeline.plan import differing_keys
@@ -107,7 +109,12 @@ def check_no_unfinished_twin(output_dir: Path, partition: tuple[tuple[str, str],
         folder = RunFolder(path)
         if folder.is_finished():
             continue
-        facts = folder.load_facts() or {}
+        try:
+            facts = folder.load_facts() or {}
+        except (OSError, ValueError, KeyError, pa.ArrowException) as error:
+            raise LayoutError(f"{path} holds an unfinished run whose plan cannot be read ({type(error).__name__}: "
+                              f"{error}): remove that folder if it is abandoned (a run of the same input and model "
+                              "beside it would classify the same images twice)") from error
         if not differing_keys(facts, identity):
             resume = " ".join(f"--partition {part}" for part in path.relative_to(output_dir).parts)
             raise LayoutError(

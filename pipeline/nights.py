@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.ipc
 
 from pipeline import causes, layout
+from pipeline.config import Refused
 from pipeline.fingerprint import CONTENT
 from pipeline.plan import differing_keys
 from pipeline.runfolder import RunFolder
@@ -73,13 +74,28 @@ def read_listing(path: Path) -> pa.Table:
         return pa.ipc.open_file(source).read_all().combine_chunks()
 
 
+class NightUnreadable(Refused):
+    """The night tonight would be compared with cannot be read: comparing with an older one could miss a deletion."""
+
+
 def previous_night(output_dir: Path, partition: tuple[tuple[str, str], ...]) -> tuple[RunFolder, dict] | None:
     """The finished night with the newest plan among the other partitions of OUTPUT that hold a listing, and its
     plan's facts (read once: they order the nights, and say what the night was made with)."""
-    folders = [RunFolder(path) for path in layout.sibling_runs(output_dir, partition)]
-    finished = [(folder, folder.load_facts()) for folder in folders
-                if folder.is_finished() and folder.listing_file() is not None]
+    finished = [(folder, _read(folder, folder.load_facts)) for path in layout.sibling_runs(output_dir, partition)
+                if (folder := RunFolder(path)).is_finished() and folder.listing_file() is not None]
     return max(finished, key=lambda night: (night[1]["created_at"], night[0].path.name), default=None)
+
+
+def _read(folder: RunFolder, read):
+    """read() of a finished night's files; refused, naming the fix, when they are damaged."""
+    try:
+        return read()
+    except (OSError, ValueError, KeyError, pa.ArrowException) as error:
+        raise NightUnreadable(
+            f"the finished night in {folder.path} cannot be read ({type(error).__name__}: {error}), so tonight "
+            f"cannot be compared with it: check it with `pipeline verify {folder.path}`; to go on, run tonight "
+            "without --incremental (every file classified), or remove that night's folder if it is not needed"
+        ) from error
 
 
 def plan_night(listing: Listing, output_dir: Path, partition: tuple[tuple[str, str], ...], identity: dict,
@@ -94,7 +110,8 @@ def plan_night(listing: Listing, output_dir: Path, partition: tuple[tuple[str, s
         _logger.info("incremental night: %s: classifying every file (%d)", reason, len(listing.paths))
         return Night(listing, state=tonight, facts={"incremental": True, "compared_with": None})
     base, base_facts = previous
-    night = _compare(listing, tonight, read_listing(base.listing_file()), _retried(base), fingerprint)
+    before = _read(base, lambda: (read_listing(base.listing_file()), _retried(base)))
+    night = _compare(listing, tonight, *before, fingerprint)
     night.facts = {"incremental": True, "compared_with": {"partition": base.path.name, "run_id": base_facts["run_id"]},
                    "unchanged": len(tonight) - len(night.work.paths)}
     _logger.info("incremental night: %d files new or changed, %d deleted, %d unchanged since the night in %s "

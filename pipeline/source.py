@@ -37,11 +37,13 @@ class Listing:
     #   by cause (causes.FOLDER_CAUSES)
     unlisted_paths: list[dict] = field(default_factory=list)  # the first LOGGED_FOLDERS of them: path and error
     sizes: list[int | None] | None = None  # each path's size in bytes (pipeline/fingerprint.py), None where it is
-    #   gone; the whole list None where the source does not take them (a list file's URLs, outside --incremental)
+    #   gone or the source does not take it (a list file's URLs, outside --incremental)
     mtimes_ns: list[int | None] | None = None  # each path's modification time, ns since the epoch
     sha256: list[str | None] | None = None  # each path's content hash, with --fingerprint content
     etags: list[str | None] | None = None  # an object's ETag, beside its size and time (a store's times are
-    #   whole seconds: the ETag tells two writes of one second apart); None for a file that is not an object
+    #   whole seconds: the ETag tells two writes of one second apart); None for a file that is not an object.
+    #   Kept in the night's published listing (nights.LISTING_SCHEMA), which is what the next night compares; rows
+    #   do not carry it
     skipped: list[str] = field(default_factory=list)  # every folder below the input not listed (encoded): an
     #   incremental night keeps its files as they were (pipeline/nights.py)
 

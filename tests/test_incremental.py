@@ -18,8 +18,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import nights
-from pipeline.runfolder import MANIFEST_NAME, RunFolder
+from pipeline import layout, nights
+from pipeline.layout import LayoutError
+from pipeline.runfolder import LISTING_NAME, MANIFEST_NAME, PLAN_NAME, RunFolder
 from pipeline.source import Listing
 from tests.conftest import REPO, make_corpus, run_pipeline, write_image
 
@@ -138,7 +139,7 @@ def test_incremental_needs_a_partition(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_a_night_beside_an_unfinished_one_is_refused(tmp_path):
+def test_a_night_beside_an_unfinished_one_or_after_a_damaged_one_is_refused(tmp_path):
     make_corpus(tmp_path / "in", 6)
     night(tmp_path / "in", tmp_path / "out", "d1")
     (tmp_path / "in" / "new.png").write_bytes((tmp_path / "in" / "d1" / "sub1" / "img0001.png").read_bytes())
@@ -149,6 +150,15 @@ def test_a_night_beside_an_unfinished_one_is_refused(tmp_path):
 
     assert refused.returncode == 2 and "resume it with --partition run_date=d2" in refused.stderr
     assert not (tmp_path / "out" / "run_date=d3").exists()
+
+    tonight = (("run_date", "d3"),)  # damaged files of earlier nights: refused (exit 2), naming the fix
+    (tmp_path / "out" / "run_date=d2" / PLAN_NAME).write_bytes(b"damaged")
+    with pytest.raises(LayoutError, match="run_date=d2 holds an unfinished run whose plan cannot be read .* remove"):
+        layout.check_no_unfinished_twin(tmp_path / "out", tonight, {})
+    shutil.rmtree(tmp_path / "out" / "run_date=d2")
+    (tmp_path / "out" / "run_date=d1" / LISTING_NAME).write_bytes(b"damaged")
+    with pytest.raises(nights.NightUnreadable, match=r"run_date=d1 cannot be read .* without --incremental"):
+        nights.plan_night(Listing.of([], 0), tmp_path / "out", tonight, {}, "stat", incremental=True)
 
 
 @pytest.mark.slow
