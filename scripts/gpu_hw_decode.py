@@ -160,12 +160,14 @@ def pipelined(decode, data: list[bytes], seconds: float) -> dict:  # noqa: C901 
                 event.record(decode_stream)
             ready.put((batch, event))
 
+    model = torchvision.models.resnet18().eval().cuda().half().to(memory_format=torch.channels_last)
     thread = threading.Thread(target=producer, daemon=True)
     thread.start()
-    for _ in range(3):  # warm
-        ready.get()
+    for _ in range(3):  # warm both sides
+        batch, event = ready.get()
+        with torch.inference_mode():
+            model(batch).float().sum().item()
     done, started = 0, time.monotonic()
-    model = torchvision.models.resnet18().eval().cuda().half().to(memory_format=torch.channels_last)
     while time.monotonic() - started < seconds:
         batch, event = ready.get()
         model_stream.wait_event(event)
