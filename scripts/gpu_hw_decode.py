@@ -165,6 +165,7 @@ def pipelined(decode, data: list[bytes], seconds: float) -> dict:  # noqa: C901 
     thread.start()
     for _ in range(3):  # warm both sides
         batch, event = ready.get()
+        torch.cuda.current_stream().wait_event(event)
         with torch.inference_mode():
             model(batch).float().sum().item()
     done, started = 0, time.monotonic()
