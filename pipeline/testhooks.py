@@ -5,6 +5,7 @@ Faults at named points of a durable write (pipeline.durable calls at() at each s
 PIPELINE_TEST_PAUSE=shard-write,manifest-rename  sleep PIPELINE_TEST_PAUSE_S seconds (default 0.5) at those points,
                                                  logging a line first, so that a test can kill the run there
 PIPELINE_TEST_PAUSE=shard-rename@2               only the 2nd time that point is reached (a run held mid-way)
+PIPELINE_TEST_RELEASE=/tmp/x                      a pause ends early once that file exists (the test releases it)
 PIPELINE_TEST_FAIL=shard-fsync@3                 raise EIO at the 3rd time that point is reached (default: the 1st)
 
 A point is KIND-STEP: KIND is what is written (shard, record, manifest, plan, file), STEP is write (half the bytes
@@ -32,6 +33,7 @@ _PAUSE = {point: int(at or 0)  # 0: every time
           for point, _, at in (entry.partition("@") for entry in os.environ.get("PIPELINE_TEST_PAUSE", "").split(","))
           if point}
 _PAUSE_S = float(os.environ.get("PIPELINE_TEST_PAUSE_S", "0.5"))
+_RELEASE = os.environ.get("PIPELINE_TEST_RELEASE", "")
 _FAIL_POINT, _, _FAIL_AT = os.environ.get("PIPELINE_TEST_FAIL", "").partition("@")
 _reached: Counter[str] = Counter()
 CRASH_ON_ENV = "PIPELINE_TEST_CRASH_ON"
@@ -57,7 +59,7 @@ def at(step: str, path: Path) -> None:
     _reached[point] += 1
     if _PAUSE.get(point) in (0, _reached[point]):
         _logger.warning("test pause at %s (%s) for %.2f s", point, path.name, _PAUSE_S)
-        time.sleep(_PAUSE_S)
+        _pause()
     if point == _FAIL_POINT and _reached[point] == int(_FAIL_AT or 1):
         _logger.warning("test failure at %s (%s)", point, path.name)
         raise OSError(errno.EIO, os.strerror(errno.EIO))
@@ -90,3 +92,10 @@ def crashing(dataset, names: frozenset[str] | None = None):
     workers die on those files."""
     names = _CRASH_ON if names is None else names
     return _Crashing(dataset, names) if names else dataset
+
+
+def _pause() -> None:
+    """Sleep PIPELINE_TEST_PAUSE_S seconds, or until the PIPELINE_TEST_RELEASE file exists."""
+    ends = time.monotonic() + _PAUSE_S
+    while (left := ends - time.monotonic()) > 0 and not (_RELEASE and os.path.exists(_RELEASE)):
+        time.sleep(min(left, 0.05) if _RELEASE else left)

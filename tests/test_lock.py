@@ -68,12 +68,12 @@ def test_a_concurrent_run_on_the_same_output_fails_fast_and_the_first_finishes(t
     make_corpus(tmp_path / "in", 12, size=(40, 32))
     args = ["classify", str(tmp_path / "in"), str(tmp_path / "out"), "--weights", "random", "--shard-size", "4",
             "--workers", "1", "--progress", "log"]
-    log = tmp_path / "first.log"
+    log, release = tmp_path / "first.log", tmp_path / "release"
     with open(log, "wb") as stderr:
         first = subprocess.Popen([sys.executable, "-m", "pipeline", *args], stderr=stderr,
                                  env={**os.environ, "PYTHONPATH": str(REPO), "PIPELINE_TEST_PAUSE": "shard-rename@1",
-                                      "PIPELINE_TEST_PAUSE_S": "20"})  # held in its first commit, long enough
-    #   for the second run to start even on a loaded machine (1 s a shard was not: the first had finished)
+                                      "PIPELINE_TEST_PAUSE_S": "120", "PIPELINE_TEST_RELEASE": str(release)})
+    #   held in its first commit until the second run has been refused
     while b"test pause at shard-rename" not in log.read_bytes():
         assert first.poll() is None, log.read_text()
         time.sleep(0.01)
@@ -85,6 +85,7 @@ def test_a_concurrent_run_on_the_same_output_fails_fast_and_the_first_finishes(t
     assert second.returncode == 73, second.stderr
     assert f"is being written by pid {first.pid} on host {socket.gethostname()}" in second.stderr
     print(f"second run refused in {seconds:.1f} s")
+    release.touch()
     assert first.wait(timeout=120) == 0, log.read_text()
     assert sorted(ds.dataset(str(tmp_path / "out")).to_table().column("path").to_pylist()) == \
         sorted(p.relative_to(tmp_path / "in").as_posix() for p in (tmp_path / "in").rglob("*.*"))

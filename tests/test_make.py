@@ -124,7 +124,8 @@ def test_too_many_errors_is_error_3_in_makes_line_but_make_exits_2(tmp_path):
 def test_sigterm_to_make_alone_stops_python_before_make_exits(tmp_path):
     images = _images(tmp_path / "in", 60)
     process, log = _make(tmp_path, images, tmp_path / "out", "--shard-size 10 --batch-size 10",
-                         PIPELINE_TEST_PAUSE="shard-write@1", PIPELINE_TEST_PAUSE_S="15")
+                         PIPELINE_TEST_PAUSE="shard-write@1", PIPELINE_TEST_PAUSE_S="60",
+                         PIPELINE_TEST_RELEASE=str(tmp_path / "release"))
     try:
         deadline = time.monotonic() + 240
         while "test pause" not in log.read_text():
@@ -135,6 +136,8 @@ def test_sigterm_to_make_alone_stops_python_before_make_exits(tmp_path):
         assert python, "Python should be running in make's process group"
 
         os.kill(process.pid, signal.SIGTERM)  # make alone, as `kill PID` or a supervisor would
+        time.sleep(3)  # make passes the signal on at once; Python's handler notes it (and logs it after the pause)
+        (tmp_path / "release").touch()
         process.wait(timeout=120)
         left = _group_left(process.pid)
     finally:
