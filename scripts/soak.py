@@ -2,7 +2,7 @@
 
     python scripts/soak.py [--kills 100] [--images 24] [--seed 0] [--report docs/reliability.md]
 
-Each kill is aimed at a test pause point of pipeline/faults.py (inside a shard, record, manifest or plan write:
+Each kill is aimed at a test pause point of pipeline/testhooks.py (inside a shard, record, manifest or plan write:
 mid write, before fsync, before rename, before the folder fsync; each point once first, then drawn at random) or at
 a random moment of the run; the killed run is resumed (and may be killed again) until its output is finished, then
 checked against an uninterrupted run and by `verify`, while a poller reads every visible shard throughout. Exits 1
