@@ -62,7 +62,7 @@ with the same command until its output is finished, and compares every finished 
 row by row and value by value, and with `python -m pipeline verify`. Meanwhile a poller reads every visible
 `*.parquet` file of the output in full, again and again, as a warehouse reader would.
 
-Kills are aimed at the test pause points of `pipeline/faults.py` (the run sleeps {PAUSE_S} s there, so the kill lands
+Kills are aimed at the test pause points of `pipeline/testhooks.py` (the run sleeps {PAUSE_S} s there, so the kill lands
 inside the step: mid-write of the hidden temp file, before its fsync, before the rename, before the folder's fsync;
 of a shard, its record, the `_SUCCESS` manifest or the plan) or at a random moment of the run (start-up, listing,
 decoding, inference, anywhere).
