@@ -7,12 +7,10 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-import pyarrow as pa
-
 from pipeline.config import Refused
 from pipeline.parquet import SCHEMA
 from pipeline.plan import differing_keys
-from pipeline.runfolder import RunFolder
+from pipeline.runfolder import DAMAGED, RunFolder
 
 # Lower case because Athena, Hive and BigQuery fold column names; a leading letter because a leading
 # '_' or '.' hides a folder from readers. Values keep to characters no reader escapes or decodes.
@@ -111,7 +109,7 @@ def check_no_unfinished_twin(output_dir: Path, partition: tuple[tuple[str, str],
             continue
         try:
             facts = folder.load_facts() or {}
-        except (OSError, ValueError, KeyError, pa.ArrowException) as error:
+        except DAMAGED as error:
             raise LayoutError(f"{path} holds an unfinished run whose plan cannot be read ({type(error).__name__}: "
                               f"{error}): remove that folder if it is abandoned (a run of the same input and model "
                               "beside it would classify the same images twice)") from error

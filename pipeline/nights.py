@@ -30,7 +30,7 @@ from pipeline import causes, layout
 from pipeline.config import Refused
 from pipeline.fingerprint import CONTENT
 from pipeline.plan import differing_keys
-from pipeline.runfolder import RunFolder
+from pipeline.runfolder import DAMAGED, RunFolder
 from pipeline.source import Listing
 
 _logger = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def _read(folder: RunFolder, read):
     """read() of a finished night's files; refused, naming the fix, when they are damaged."""
     try:
         return read()
-    except (OSError, ValueError, KeyError, pa.ArrowException) as error:
+    except DAMAGED as error:
         raise NightUnreadable(
             f"the finished night in {folder.path} cannot be read ({type(error).__name__}: {error}), so tonight "
             f"cannot be compared with it: check it with `pipeline verify {folder.path}`; to go on, run tonight "

@@ -21,6 +21,8 @@ import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import pyarrow as pa
+
 from pipeline import lock, parquet
 from pipeline.durable import durable_publish, published_name
 from pipeline.plan import Plan, read_facts, read_plan
@@ -32,6 +34,8 @@ LISTING_NAME = "_listing.arrow"
 MANIFEST_NAME = "_SUCCESS"
 RECORDS_DIR = "_shards"
 LOCKS_DIR = "_locks"
+DAMAGED = (OSError, ValueError, KeyError, pa.ArrowException)  # what reading a damaged run file raises (unreadable,
+#   not Arrow IPC or JSON, a fact missing)
 
 
 def shard_name(run_id: str, shard: int) -> str:
